@@ -1,0 +1,3 @@
+from streamkws.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The one interface every audio source offers.
+
+A source delivers 16 kHz mono float32 :class:`Chunk` objects to a *sink* (normally
+``RingBuffer.write``) from its own capture context: a PortAudio callback for microphones,
+a reader thread for files and stdin. ``start`` returns at once; ``finished`` is set when the
+stream ends (end of file, device gone, ``stop``) and ``error`` says why if it ended badly.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from streamkws import SAMPLE_RATE
+from streamkws.audio.chunk import Chunk
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Chunk], object]
+
+
+class AudioSource(abc.ABC):
+    name: str
+    """How the source is reported in messages, e.g. ``mic:0`` or ``wav:/path.wav``."""
+
+    blocks_on_full_ring: bool = False
+    """File-like sources may wait for the consumer (nothing is lost); microphones may not."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self.samples_delivered = 0
+
+    @abc.abstractmethod
+    def start(self, sink: Sink) -> None:
+        """Begin delivering chunks to ``sink``; returns immediately."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop delivering and release the device or file. Idempotent."""
+
+    def __enter__(self) -> AudioSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ThreadedSource(AudioSource):
+    """A source that produces chunks from a generator on a reader thread.
+
+    Subclasses implement :meth:`blocks`, yielding float32 mono 16 kHz arrays. With
+    ``realtime=True`` delivery is paced like a microphone; otherwise as fast as the sink
+    accepts, while chunk positions still count audio time.
+    """
+
+    blocks_on_full_ring = True
+
+    def __init__(self, realtime: bool = False) -> None:
+        super().__init__()
+        self.realtime = realtime
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @abc.abstractmethod
+    def blocks(self) -> Iterator:
+        """Yield successive float32 arrays of 16 kHz mono audio until the stream ends."""
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The whole stream as chunks, synchronously (for tools and tests)."""
+        pos = 0
+        t0 = time.monotonic()
+        for block in self.blocks():
+            if self._stop.is_set():
+                return
+            if len(block) == 0:
+                continue
+            if self.realtime:
+                # Pace by the end of the block: a real microphone hands a block over only
+                # once its last sample has been captured.
+                delay = t0 + (pos + len(block)) / SAMPLE_RATE - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    return
+            yield Chunk(block, pos)
+            pos += len(block)
+
+    def start(self, sink: Sink) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(sink,), name=f"capture[{self.name}]", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sink: Sink) -> None:
+        try:
+            for chunk in self.chunks():
+                sink(chunk)
+                self.samples_delivered = chunk.end
+        except BaseException as exc:  # reported through .error, never lost in a thread
+            log.error("audio source %s failed: %s", self.name, exc)
+            self.error = exc
+        finally:
+            self.finished.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self.finished.set()
