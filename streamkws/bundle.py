@@ -1,0 +1,251 @@
+"""The model bundle: one file holding a network, its labels, the exact front-end settings
+it was trained with, and its metadata.
+
+On disk it is a ``torch.save`` archive of plain data only — a JSON metadata string and a
+state dict of tensors — read back with ``torch.load(weights_only=True)``, whose restricted
+unpickler refuses arbitrary objects. The network is rebuilt from the architecture registry
+(``meta["arch"]``, ``meta["arch_kwargs"]``), the recorded quantization is re-applied to
+give the same module structure, and then the stored weights are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamkws import __version__
+from streamkws.errors import StreamKWSError
+from streamkws.features import FrontEndConfig
+
+FORMAT = "streamkws-bundle"
+VERSION = 1
+BUNDLED_DIR = Path(__file__).resolve().parent / "models" / "bundled"
+BUNDLED = {"default": "default.skw", "default-float": "default-float.skw"}
+
+
+class KWSModel(nn.Module):
+    """Feature normalisation followed by the network: log-Mel ``(B, T, F)`` -> logits.
+
+    The per-bin mean and scale are fitted on the training data and travel with the bundle,
+    so callers feed raw front-end output.
+    """
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("inv_std", inv_std.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) * self.inv_std)
+
+
+# Quantization modes register how to rebuild their module structure from metadata, so a
+# bundle of any mode loads through one path. The optimisation tools add modes here.
+Rebuilder = Callable[[KWSModel, dict], nn.Module]
+QUANT_REBUILDERS: dict[str, Rebuilder] = {}
+
+
+def register_quantization(mode: str) -> Callable[[Rebuilder], Rebuilder]:
+    def deco(fn: Rebuilder) -> Rebuilder:
+        QUANT_REBUILDERS[mode] = fn
+        return fn
+
+    return deco
+
+
+@register_quantization("none")
+def _float(model: KWSModel, q: dict) -> nn.Module:
+    return model
+
+
+@register_quantization("dynamic")
+def _dynamic(model: KWSModel, q: dict) -> nn.Module:
+    from streamkws.models.quant import quantize_dynamic
+
+    return quantize_dynamic(model)
+
+
+@dataclass
+class Bundle:
+    model: nn.Module
+    meta: dict
+    path: Path | None = None
+    sha256: str = ""
+    _frontend: FrontEndConfig | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", "model")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def quantization(self) -> str:
+        return self.meta.get("quantization", {}).get("mode", "none")
+
+    @property
+    def frontend(self) -> FrontEndConfig:
+        if self._frontend is None:
+            self._frontend = FrontEndConfig.from_dict(self.meta["frontend"])
+        return self._frontend
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities for log-Mel windows ``(B, T, F)`` or one window ``(T, F)``."""
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        single = x.ndim == 2
+        if single:
+            x = x[None]
+        with torch.inference_mode():
+            p = torch.softmax(self.model(x), dim=-1).numpy()
+        return p[0] if single else p
+
+    def check_frontend(self, stream: FrontEndConfig) -> None:
+        """Refuse to run on a stream whose front end differs from the one we trained on."""
+        mine, theirs = self.frontend.to_dict(), stream.to_dict()
+        diff = [f"{k}: model {mine[k]!r}, stream {theirs[k]!r}" for k in mine
+                if mine[k] != theirs[k]]
+        if diff:
+            raise StreamKWSError(
+                f"model '{self.name}' was trained with other front-end settings than the "
+                f"stream provides ({'; '.join(diff)}); set [frontend] to match or use "
+                "another model"
+            )
+
+    def save(self, path: str | Path) -> str:
+        """Write the bundle; return its SHA-256."""
+        path = Path(path)
+        meta = dict(self.meta)
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta["streamkws_version"] = __version__
+        meta["size_bytes_weights"] = weight_bytes(self.model)
+        buf = io.BytesIO()
+        torch.save({"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
+                    "state_dict": self.model.state_dict()}, buf)
+        data = buf.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # never leave a half-written bundle under the real name
+        self.meta, self.path = meta, path
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        return self.sha256
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the stored weights (quantized tensors count at their integer width)."""
+    total = 0
+    for v in model.state_dict().values():
+        tensors = _tensors_in(v)
+        for t in tensors:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _tensors_in(v: object) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, tuple | list):
+        return [t for x in v for t in _tensors_in(x)]
+    return []
+
+
+def new_bundle(
+    net: nn.Module,
+    mean: np.ndarray,
+    std: np.ndarray,
+    labels: list[str],
+    frontend: FrontEndConfig,
+    name: str,
+    **meta: object,
+) -> Bundle:
+    from streamkws.models import count_parameters
+
+    model = KWSModel(net, torch.as_tensor(mean), torch.as_tensor(1.0 / np.maximum(std, 1e-5)))
+    info = {
+        "name": name,
+        "arch": net.arch_name,
+        "arch_kwargs": net.arch_kwargs,
+        "labels": list(labels),
+        "frontend": frontend.to_dict(),
+        "quantization": {"mode": "none"},
+        "parameters": count_parameters(net),
+        **meta,
+    }
+    return Bundle(model.eval(), info)
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A bundle path, or the name of a model shipped in the package."""
+    s = str(spec)
+    if s in BUNDLED:
+        path = BUNDLED_DIR / BUNDLED[s]
+        if not path.is_file():
+            raise StreamKWSError(f"the bundled model '{s}' is missing from the package ({path})")
+        return path
+    path = Path(s)
+    if not path.is_file():
+        names = ", ".join(BUNDLED)
+        raise StreamKWSError(f"{path}: no such model bundle (bundled models: {names})")
+    return path
+
+
+def load_bundle(spec: str | Path) -> Bundle:
+    path = resolve_model(spec)
+    data = path.read_bytes()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StreamKWSError(f"{path}: not a streamkws model bundle ({first[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise StreamKWSError(f"{path}: not a streamkws model bundle")
+    if obj.get("version", 0) > VERSION:
+        raise StreamKWSError(
+            f"{path}: bundle format version {obj['version']} is newer than this streamkws "
+            f"understands ({VERSION}); upgrade streamkws"
+        )
+    meta = json.loads(obj["meta"])
+    model = rebuild(meta)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise StreamKWSError(f"{path}: weights do not match the recorded architecture "
+                             f"({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return Bundle(model, meta, path, hashlib.sha256(data).hexdigest())
+
+
+def rebuild(meta: dict) -> nn.Module:
+    """The module structure a bundle's weights belong to, from its metadata alone."""
+    from streamkws.models import build_model
+
+    kwargs = dict(meta["arch_kwargs"])
+    net = build_model(meta["arch"], **kwargs)
+    n_mels = FrontEndConfig.from_dict(meta["frontend"]).n_mels
+    model = KWSModel(net, torch.zeros(n_mels), torch.ones(n_mels)).eval()
+    q = meta.get("quantization", {"mode": "none"})
+    mode = q.get("mode", "none")
+    if mode not in QUANT_REBUILDERS:
+        _load_optional_quant_modes()
+    if mode not in QUANT_REBUILDERS:
+        raise StreamKWSError(f"unknown quantization mode {mode!r} in bundle")
+    return QUANT_REBUILDERS[mode](model, q)
+
+
+def _load_optional_quant_modes() -> None:
+    """Modes beyond none/dynamic live with the optimisation tools; import registers them."""
+    with contextlib.suppress(ImportError):
+        import streamkws.tools.quantize  # noqa: F401

@@ -1,0 +1,130 @@
+"""The ``streamkws`` command: one entry point, one subcommand per job.
+
+User mistakes (a bad path, config key, unreadable audio) end as one line on stderr and a
+non-zero exit; only bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from streamkws import __version__
+from streamkws.errors import StreamKWSError
+
+log = logging.getLogger("streamkws")
+
+EXIT_USER_ERROR = 2
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from streamkws.audio.mic import list_input_devices
+
+    devices = list_input_devices()
+    if args.json:
+        print(json.dumps([d.__dict__ for d in devices]))
+        return 0
+    if not devices:
+        print("no audio input devices found", file=sys.stderr)
+        return 1
+    print(f"{'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}  host API")
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        print(f"{d.index:>4}{mark}  {d.name[:40]:<40} {d.channels:>8} "
+              f"{d.default_samplerate:>12.0f}  {d.hostapi}")
+    print("(* = default input; pick one with --source mic:<index or name substring>)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from streamkws.tools.train import config_from_args, describe, train
+
+    cfg = config_from_args(args)
+    for d in cfg.data + cfg.extra:
+        if not d.is_dir():
+            raise StreamKWSError(f"{d}: data folder not found")
+    bundle = train(cfg)
+    print(json.dumps(describe(bundle)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from streamkws.bundle import load_bundle
+    from streamkws.tools.evaluate import evaluate, format_report, plot_confusion
+
+    bundle = load_bundle(args.model)
+    m = evaluate(bundle, args.data, progress=not args.json)
+    if args.plot:
+        plot_confusion(m, args.plot)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(format_report(m))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"streamkws {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("devices", help="list audio input devices")
+    d.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    d.set_defaults(func=cmd_devices)
+
+    t = sub.add_parser("train", help="train a model bundle on labelled clips")
+    t.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="labelled folders or a Speech Commands download (repeatable)")
+    t.add_argument("--extra", action="append", metavar="DIR",
+                   help="training-only data, e.g. synthetic speech (repeatable)")
+    t.add_argument("--noise", metavar="DIR", help="background noise recordings for mixing")
+    t.add_argument("--arch", default="dscnn", help="architecture name (default: dscnn)")
+    t.add_argument("--arch-arg", action="append", metavar="NAME=VALUE",
+                   help="architecture option, e.g. scale=2 (repeatable)")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    t.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of speakers held out for validation")
+    t.add_argument("--seed", type=int, default=0, help="makes a run repeatable")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    t.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--out", required=True, metavar="M", help="bundle file to write")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")
+    e.add_argument("--model", default="default", metavar="M", help="bundle path or name")
+    e.add_argument("--data", required=True, metavar="DIR")
+    e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    e.add_argument("--plot", metavar="PNG", help="write the confusion matrix as a picture")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except StreamKWSError as exc:
+        print(f"streamkws {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `streamkws listen | head`
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

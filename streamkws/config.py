@@ -1,0 +1,183 @@
+"""Typed configuration, validated once at start-up.
+
+Each section is a frozen dataclass; a TOML file overrides any subset of keys. Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the full key (for
+example ``vad.aggressiveness``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamkws.errors import ConfigError
+from streamkws.features import FrontEndConfig
+from streamkws.vad import VadConfig
+
+SYSTEM_CONFIG = Path("/etc/streamkws/streamkws.toml")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    source: str = "mic"
+    """``mic``, ``mic:<index or name substring>``, ``wav:<path>``, ``-`` (stdin) or ``demo``."""
+    block_ms: int = 20
+    """Capture block length; shorter blocks cut latency, longer ones cost less CPU."""
+    ring_seconds: float = 10.0
+    """Ring buffer capacity: how far processing may fall behind before audio is lost."""
+    realtime: bool = True
+    """Pace file sources like a microphone (``false`` replays as fast as the CPU allows)."""
+
+    def validate(self, prefix: str = "audio") -> AudioConfig:
+        if not 1 <= self.block_ms <= 1000:
+            raise ConfigError(f"{prefix}.block_ms", f"must be within 1..1000 (got {self.block_ms})")
+        if not 1.0 <= self.ring_seconds <= 600.0:
+            raise ConfigError(
+                f"{prefix}.ring_seconds", f"must be within 1..600 (got {self.ring_seconds})"
+            )
+        if not self.source:
+            raise ConfigError(f"{prefix}.source", "must not be empty")
+        return self
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    hop_ms: int = 100
+    """A model window is formed every ``hop_ms`` (100 ms = 10 windows per second)."""
+
+    def validate(self, prefix: str = "windows") -> WindowConfig:
+        if not 10 <= self.hop_ms <= 1000:
+            raise ConfigError(f"{prefix}.hop_ms", f"must be within 10..1000 (got {self.hop_ms})")
+        return self
+
+    def hop_frames(self, frontend: FrontEndConfig) -> int:
+        frames = self.hop_ms / frontend.hop_ms
+        if abs(frames - round(frames)) > 1e-9:
+            raise ConfigError(
+                "windows.hop_ms",
+                f"must be a multiple of frontend.hop_ms ({frontend.hop_ms:g} ms)",
+            )
+        return round(frames)
+
+
+@dataclass(frozen=True)
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        self.windows.hop_frames(self.frontend)
+        return self
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections).validate()
+
+
+def parse(data: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from nested dicts (as TOML gives)."""
+    return _build(Config, data, "").validate()
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), f"not valid TOML ({exc})") from None
+    return parse(data)
+
+
+def find_config_file(explicit: str | Path | None = None) -> Path | None:
+    """The config file to use: ``--config``, then ``$STREAMKWS_CONFIG``, then the system one."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("STREAMKWS_CONFIG")
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def load_default(explicit: str | Path | None = None) -> Config:
+    path = find_config_file(explicit)
+    return load(path) if path else Config().validate()
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"must be a table, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(full, f"unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        errors = []
+        for opt in options:
+            try:
+                return _coerce(opt, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a table, got {_kind(value)}")
+        return {
+            _coerce(ktp, k, f"{key}.{k}"): _coerce(vtp, v, f"{key}.{k}") for k, v in value.items()
+        }
+    if origin in (list, tuple):
+        (etp, *_) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {_kind(value)}")
+        return origin(_coerce(etp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {_kind(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {_kind(value)}")
+        return value
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug, not user error
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__) + (
+        f" ({value!r})" if isinstance(value, bool | int | float | str) else "")

@@ -1,0 +1,296 @@
+"""``streamkws train``: train a keyword model on real (and optionally synthetic) speech.
+
+Validation is speaker-disjoint (a speaker's clips are all on one side). Features come from
+the same :class:`~streamkws.features.LogMel` the daemon runs, computed after waveform
+augmentation, so training sees exactly what the stream will produce.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamkws.bundle import Bundle, new_bundle
+from streamkws.data import (
+    DEFAULT_LABELS,
+    SILENCE,
+    ClipCache,
+    Dataset,
+    is_speech_commands_download,
+    load_dataset,
+    load_noise,
+    speaker_split,
+)
+from streamkws.errors import StreamKWSError
+from streamkws.features import FrontEndConfig, LogMel
+from streamkws.tools.augment import AugmentConfig, augment_waveforms, spec_augment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: list[Path]
+    out: Path
+    arch: str = "dscnn"
+    arch_kwargs: dict = field(default_factory=dict)
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    extra: list[Path] = field(default_factory=list)
+    """Training-only data (e.g. synthetic speech): never used for validation."""
+    noise: Path | None = None
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    label_smoothing: float = 0.05
+    patience: int = 10
+    val_fraction: float = 0.15
+    seed: int = 0
+    name: str = "model"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
+    threads: int = 0
+    progress: bool = True
+    max_minutes: float | None = None
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (N, 16000) waveforms
+    y: np.ndarray
+    ds: Dataset
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict]:
+    """Load, split by speaker, and report what the model will be trained on."""
+    cache = ClipCache()
+    train_parts, val_parts = [], []
+    for root in cfg.data:
+        if is_speech_commands_download(root):
+            train_parts.append(load_dataset(root, cfg.labels, split="train", seed=cfg.seed))
+            val_parts.append(load_dataset(root, cfg.labels, split="validation", seed=cfg.seed))
+        else:
+            tr, va = speaker_split(load_dataset(root, cfg.labels), cfg.val_fraction, cfg.seed)
+            train_parts.append(tr)
+            val_parts.append(va)
+    for root in cfg.extra:
+        train_parts.append(load_dataset(root, cfg.labels))
+    train_ds = sum(train_parts[1:], train_parts[0])
+    val_ds = sum(val_parts[1:], val_parts[0])
+    overlap = train_ds.speakers() & val_ds.speakers()
+    if overlap:
+        # Only possible when two --data folders share speakers; flag it rather than
+        # publish a flattering validation score.
+        log.warning("%d speakers appear in both train and validation", len(overlap))
+    xtr, train_ds = cache.load_all(train_ds, cfg.progress)
+    xva, val_ds = cache.load_all(val_ds, cfg.progress)
+    if len(val_ds) == 0:
+        raise StreamKWSError("the validation split is empty: add speakers or raise --val-fraction")
+    noise = load_noise(cfg.noise) if cfg.noise else []
+    if cfg.noise is None:
+        for root in cfg.data:
+            if (root / "_background_noise_").is_dir():
+                noise += load_noise(root / "_background_noise_")
+    summary = {
+        "train": train_ds.summary(),
+        "validation": val_ds.summary(),
+        "sources": [str(p) for p in cfg.data],
+        "training_only_sources": [str(p) for p in cfg.extra],
+        "noise_recordings": len(noise),
+        "split": f"by speaker, {cfg.val_fraction:.0%} of speakers held out (seed {cfg.seed})",
+        "speaker_overlap": len(overlap),
+        "skipped_files": train_ds.skipped + val_ds.skipped,
+    }
+    return Split(xtr, train_ds.targets(), train_ds), Split(xva, val_ds.targets(), val_ds), \
+        noise, summary
+
+
+def feature_stats(x: np.ndarray, logmel: LogMel) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.concatenate([logmel(x[i : i + 256]) for i in range(0, len(x), 256)])
+    flat = feats.reshape(-1, feats.shape[-1])
+    return flat.mean(axis=0), flat.std(axis=0)
+
+
+def balanced_epoch(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of indices in which every class is drawn equally often."""
+    classes = np.unique(y)
+    per_class = int(np.ceil(len(y) / len(classes)))
+    idx = [rng.choice(np.flatnonzero(y == c), per_class, replace=per_class > (y == c).sum())
+           for c in classes]
+    out = np.concatenate(idx)
+    rng.shuffle(out)
+    return out
+
+
+def evaluate_arrays(model: nn.Module, feats: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Predicted probabilities for precomputed features."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(feats), batch):
+            out.append(torch.softmax(model(torch.from_numpy(feats[i : i + batch])), -1).numpy())
+    return np.concatenate(out)
+
+
+def train(cfg: TrainConfig) -> Bundle:
+    """Train, keep the best model by validation accuracy, write it to ``cfg.out``."""
+    from streamkws.models import build_model
+
+    t_start = time.monotonic()
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    logmel = LogMel(cfg.frontend)
+    train_s, val_s, noise, summary = prepare_data(cfg)
+    mean, std = feature_stats(train_s.x, logmel)
+    val_feats = logmel(val_s.x)
+    labels = list(cfg.labels)
+    net = build_model(cfg.arch, n_classes=len(labels), n_frames=cfg.frontend.window_frames,
+                      n_mels=cfg.frontend.n_mels, **cfg.arch_kwargs)
+    bundle = new_bundle(net, mean, std, labels, cfg.frontend, cfg.name)
+    model = bundle.model
+    steps_per_epoch = int(np.ceil(len(train_s.y) / cfg.batch_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    silence_index = labels.index(SILENCE) if SILENCE in labels else -1
+    n_frames = cfg.frontend.window_frames
+    best = {"accuracy": -1.0, "epoch": -1, "state": None}
+    history = []
+    ckpt = cfg.out.with_name(cfg.out.name + ".ckpt")
+    bar = _progress(cfg.epochs * steps_per_epoch, cfg.progress)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = balanced_epoch(train_s.y, rng)
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            wav = augment_waveforms(train_s.x[idx], train_s.y[idx] == silence_index, noise,
+                                    cfg.augment, rng)
+            feats = logmel(wav)[:, :n_frames]
+            # Masks take the per-bin mean, which the model's normalisation maps to zero.
+            feats = spec_augment(feats, cfg.augment, rng, fill=mean.astype(np.float32))
+            logits = model(torch.from_numpy(feats))
+            loss = loss_fn(logits, torch.from_numpy(train_s.y[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+        probs = evaluate_arrays(model, val_feats[:, :n_frames])
+        acc = float((probs.argmax(1) == val_s.y).mean())
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": acc})
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val=f"{acc:.3f}",
+                        best=f"{max(acc, best['accuracy']):.3f}")
+        log.info("epoch %d: loss %.4f, validation accuracy %.4f", epoch + 1,
+                 np.mean(losses), acc)
+        if acc > best["accuracy"]:
+            best = {"accuracy": acc, "epoch": epoch + 1,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            torch.save({"epoch": epoch + 1, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "val_accuracy": acc}, ckpt)
+        if epoch + 1 - best["epoch"] >= cfg.patience:
+            log.info("early stop: no improvement for %d epochs", cfg.patience)
+            break
+        if cfg.max_minutes and (time.monotonic() - t_start) / 60 > cfg.max_minutes:
+            log.warning("stopping after %.1f minutes (--max-minutes)", cfg.max_minutes)
+            break
+    bar.close()
+    model.load_state_dict(best["state"])
+    model.eval()
+    from streamkws.tools.evaluate import metrics_from_predictions
+
+    probs = evaluate_arrays(model, val_feats[:, :n_frames])
+    val_metrics = metrics_from_predictions(val_s.y, probs.argmax(1), labels)
+    bundle.meta.update({
+        "training": {
+            **summary,
+            "epochs_run": len(history),
+            "best_epoch": best["epoch"],
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "augmentation": cfg.augment.to_dict(),
+            "minutes": round((time.monotonic() - t_start) / 60, 2),
+            "history": history,
+        },
+        "metrics": {"validation": _short_metrics(val_metrics)},
+    })
+    bundle.save(cfg.out)
+    ckpt.unlink(missing_ok=True)
+    return bundle
+
+
+def _short_metrics(m: dict) -> dict:
+    return {"accuracy": m["accuracy"], "n": m["n"],
+            "recall": {k: v["recall"] for k, v in m["per_class"].items()}}
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: object) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="training", unit="step")
+
+
+def config_from_args(args) -> TrainConfig:
+    aug = AugmentConfig() if not args.no_augment else AugmentConfig.off()
+    kwargs = {}
+    for kv in args.arch_arg or []:
+        if "=" not in kv:
+            raise StreamKWSError(f"--arch-arg {kv!r}: expected NAME=VALUE")
+        k, v = kv.split("=", 1)
+        kwargs[k] = _number(v)
+    return TrainConfig(
+        data=[Path(d) for d in args.data], out=Path(args.out), arch=args.arch,
+        arch_kwargs=kwargs, extra=[Path(d) for d in args.extra or []],
+        noise=Path(args.noise) if args.noise else None, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+        val_fraction=args.val_fraction, seed=args.seed,
+        name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
+        progress=not args.quiet, max_minutes=args.max_minutes,
+    )
+
+
+def _number(v: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def describe(b: Bundle) -> dict:
+    t = b.meta.get("training", {})
+    return {"model": str(b.path), "sha256": b.sha256, "arch": b.meta["arch"],
+            "parameters": b.meta["parameters"],
+            "validation": b.meta["metrics"]["validation"],
+            "best_epoch": t.get("best_epoch"), "minutes": t.get("minutes"),
+            "train_clips": t.get("train", {}).get("clips"),
+            "validation_clips": t.get("validation", {}).get("clips")}
+

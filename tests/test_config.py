@@ -1,0 +1,82 @@
+"""Configuration: typed, validated at start-up, every bad value names its key."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamkws import config
+from streamkws.errors import ConfigError
+
+
+def test_defaults_are_valid_and_documented_values():
+    cfg = config.Config().validate()
+    assert cfg.frontend.n_mels == 40 and cfg.windows.hop_ms == 100
+    assert cfg.windows.hop_frames(cfg.frontend) == 10
+
+
+def test_a_toml_file_overrides_only_what_it_names(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[vad]\nkind = "energy"\n[windows]\nhop_ms = 200\n')
+    cfg = config.load(p)
+    assert cfg.vad.kind == "energy" and cfg.windows.hop_ms == 200
+    assert cfg.frontend == config.Config().frontend
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "why"),
+    [
+        ("[vad]\nagressiveness = 2\n", "vad.agressiveness", "did you mean 'vad.aggressiveness'"),
+        ("[nope]\nx = 1\n", "nope", "unknown key"),
+        ("[windows]\nhop_ms = '100'\n", "windows.hop_ms", "must be an integer"),
+        ("[windows]\nhop_ms = 105\n", "windows.hop_ms", "multiple of frontend.hop_ms"),
+        ("[frontend]\nn_mels = 0\n", "frontend.n_mels", "within"),
+        ("[audio]\nrealtime = 1\n", "audio.realtime", "true or false"),
+        ("[audio]\nring_seconds = 0.1\n", "audio.ring_seconds", "within"),
+        ("vad = 3\n", "vad", "must be a table"),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path, toml, key, why):
+    p = tmp_path / "c.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    assert exc.value.key == key and why in str(exc.value)
+
+
+def test_unparseable_and_missing_files_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vad\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_search_order_is_flag_then_environment_then_system(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    monkeypatch.setenv("STREAMKWS_CONFIG", str(b))
+    assert config.find_config_file(a) == a
+    assert config.find_config_file(None) == b
+    monkeypatch.delenv("STREAMKWS_CONFIG")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "none.toml")
+    assert config.find_config_file(None) is None
+
+
+_values = st.one_of(st.integers(-5, 10_000), st.floats(allow_nan=True), st.booleans(),
+                    st.text(max_size=8), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    section=st.sampled_from(["audio", "frontend", "windows", "vad", "bogus"]),
+    key=st.sampled_from(["source", "block_ms", "ring_seconds", "realtime", "n_mels", "hop_ms",
+                         "f_max", "window_frames", "kind", "aggressiveness", "frame_ms", "zz"]),
+    value=_values,
+)
+def test_any_input_either_parses_or_raises_a_config_error(section, key, value):
+    try:
+        cfg = config.parse({section: {key: value}})
+    except ConfigError as exc:
+        assert exc.key.startswith(section)
+    else:
+        assert getattr(getattr(cfg, section), key) == value
