@@ -80,3 +80,20 @@ def test_any_input_either_parses_or_raises_a_config_error(section, key, value):
         assert exc.key.startswith(section)
     else:
         assert getattr(getattr(cfg, section), key) == value
+
+
+def test_default_toml_documents_every_key_with_its_default():
+    import dataclasses
+    import tomllib
+
+    from tests.conftest import REPO
+
+    data = tomllib.loads((REPO / "configs" / "default.toml").read_text())
+    defaults = config.Config()
+    for section in dataclasses.fields(defaults):
+        obj = getattr(defaults, section.name)
+        documented = data.get(section.name, {})
+        for f in dataclasses.fields(obj):
+            assert f.name in documented, f"{section.name}.{f.name} missing from default.toml"
+            assert documented[f.name] == getattr(obj, f.name), f"{section.name}.{f.name}"
+    assert config.parse(data) == defaults
