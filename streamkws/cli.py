@@ -28,8 +28,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(json.dumps([d.__dict__ for d in devices]))
         return 0
     if not devices:
-        print("no audio input devices found", file=sys.stderr)
-        return 1
+        print("no audio input devices found (PortAudio sees none: check that a sound card, "
+              "USB microphone or PulseAudio/PipeWire source is present)")
+        return 0
     print(f"{'index':>5}  {'name':<40} {'channels':>8} {'default rate':>12}  host API")
     for d in devices:
         mark = "*" if d.is_default else " "

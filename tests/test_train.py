@@ -1,0 +1,123 @@
+"""Training, evaluation and the model bundle, on a few real clips in seconds."""
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from streamkws.bundle import load_bundle
+from streamkws.cli import main
+from streamkws.errors import StreamKWSError
+from streamkws.features import FrontEndConfig
+from streamkws.tools.train import TrainConfig, train
+
+WORDS = ["yes", "no", "_silence_", "_unknown_"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, speech_dir):
+    """Real clips of four labels from 24 speakers per label, symlinked into a folder tree."""
+    root = tmp_path_factory.mktemp("small")
+    for label in WORDS:
+        (root / label).mkdir()
+        for p in sorted((speech_dir / label).glob("*.wav"))[:24]:
+            (root / label / p.name).symlink_to(p)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, small_data, data_dir):
+    out = tmp_path_factory.mktemp("model") / "tiny.skw"
+    cfg = TrainConfig(data=[small_data], out=out, arch="dscnn",
+                      arch_kwargs={"channels": 16, "blocks": 1}, noise=data_dir / "noise",
+                      epochs=3, batch_size=32, val_fraction=0.3, seed=1, progress=False,
+                      threads=1, labels=("yes", "no", "_unknown_", "_silence_"))
+    return train(cfg)
+
+
+def test_training_writes_a_loadable_bundle_with_its_metadata(tiny_bundle):
+    b = load_bundle(tiny_bundle.path)
+    assert b.labels == ["yes", "no", "_unknown_", "_silence_"]
+    assert b.frontend == FrontEndConfig()
+    assert b.meta["arch"] == "dscnn" and b.meta["parameters"] > 0
+    t = b.meta["training"]
+    assert t["speaker_overlap"] == 0 and t["validation"]["clips"] > 0
+    assert 0.0 <= b.meta["metrics"]["validation"]["accuracy"] <= 1.0
+    assert b.sha256 == tiny_bundle.sha256
+
+
+def test_loaded_bundle_predicts_exactly_as_the_trained_model(tiny_bundle):
+    x = np.random.default_rng(0).normal(size=(3, 98, 40)).astype(np.float32) - 5
+    assert np.allclose(load_bundle(tiny_bundle.path).predict(x), tiny_bundle.predict(x),
+                       atol=1e-6)
+
+
+def test_a_seeded_run_is_repeatable(small_data, tmp_path):
+    def run(name):
+        cfg = TrainConfig(data=[small_data], out=tmp_path / name, arch="dscnn",
+                          arch_kwargs={"channels": 8, "blocks": 1}, epochs=1, batch_size=32,
+                          val_fraction=0.3, seed=7, progress=False, threads=1,
+                          labels=("yes", "no", "_unknown_", "_silence_"))
+        return train(cfg).model.state_dict()
+
+    a, b = run("a.skw"), run("b.skw")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_json_reports_accuracy_per_class_and_confusion(tiny_bundle, small_data,
+                                                                 capsys, tmp_path):
+    png = tmp_path / "c.png"
+    rc = main(["evaluate", "--model", str(tiny_bundle.path), "--data", str(small_data),
+               "--json", "--plot", str(png)])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "per_class", "confusion", "labels", "n"} <= set(m)
+    assert m["n"] == 96 and m["labels"] == ["yes", "no", "_unknown_", "_silence_"]
+    conf = np.array(m["confusion"])
+    assert conf.sum() == 96 and np.trace(conf) / 96 == pytest.approx(m["accuracy"], abs=1e-3)
+    assert m["per_class"]["yes"]["support"] == 24
+    assert png.stat().st_size > 10_000
+
+
+def test_dynamically_quantized_bundle_round_trips(tiny_bundle, tmp_path):
+    from streamkws.bundle import Bundle
+    from streamkws.models.quant import quantize_dynamic
+
+    q = Bundle(quantize_dynamic(tiny_bundle.model),
+               {**tiny_bundle.meta, "quantization": {"mode": "dynamic"}})
+    q.save(tmp_path / "q.skw")
+    loaded = load_bundle(tmp_path / "q.skw")
+    x = np.random.default_rng(1).normal(size=(4, 98, 40)).astype(np.float32) - 5
+    assert np.abs(loaded.predict(x) - tiny_bundle.predict(x)).max() < 0.05
+    assert any("quantized" in type(m).__module__ for m in loaded.model.modules())
+
+
+def test_bundle_loading_never_unpickles_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    p = tmp_path / "evil.skw"
+    p.write_bytes(pickle.dumps({"format": "streamkws-bundle", "x": Evil()}))
+    with pytest.raises(StreamKWSError, match="not a streamkws model bundle"):
+        load_bundle(p)
+    buf = io.BytesIO()
+    torch.save({"format": "streamkws-bundle", "x": Evil()}, buf)
+    p.write_bytes(buf.getvalue())
+    with pytest.raises(StreamKWSError, match="not a streamkws model bundle"):
+        load_bundle(p)
+
+
+def test_bundle_refuses_a_stream_with_other_front_end_settings(tiny_bundle):
+    tiny_bundle.check_frontend(FrontEndConfig())
+    with pytest.raises(StreamKWSError, match=r"n_mels: model 40, stream 64"):
+        tiny_bundle.check_frontend(FrontEndConfig(n_mels=64))
+
+
+def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
+    assert main(["evaluate", "--model", str(tmp_path / "nope.skw"), "--data", "."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such model bundle" in err[0]
