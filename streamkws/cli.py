@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from streamkws import __version__
 from streamkws.errors import StreamKWSError
@@ -67,6 +68,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from streamkws.bundle import load_bundle
+    from streamkws.tools.predict import expand_paths, plot_prediction, predict_files
+
+    bundle = load_bundle(args.model)
+    preds, errors = predict_files(bundle, expand_paths(args.files))
+    if args.plot:
+        Path(args.plot).mkdir(parents=True, exist_ok=True)
+    for p in preds:
+        if args.plot:
+            plot_prediction(bundle, p, Path(args.plot) / f"{Path(p.path).stem}.png")
+        if args.json:
+            print(json.dumps(p.__dict__))
+        else:
+            print(f"{p.path}\t{p.label}\t{p.confidence:.3f}")
+    for e in errors:
+        print(f"streamkws predict: error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR if errors else 0
+
+
+def cmd_audit_data(args: argparse.Namespace) -> int:
+    from streamkws.bundle import load_bundle
+    from streamkws.tools.predict import audit
+
+    report = audit(load_bundle(args.model), args.data, args.top)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['clips']} clips, the model disagrees with {report['disagreements']}; "
+          f"the {len(report['suspects'])} most suspect, worst first:")
+    for r in report["suspects"]:
+        print(f"{r['loss']:7.2f}  {r['label']:>10} -> {r['predicted']:<10} {r['path']}"
+              f"  ({r['why']})")
+    for u in report["unreadable"]:
+        print(f"unreadable: {u}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"streamkws {__version__}")
@@ -107,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
     e.add_argument("--plot", metavar="PNG", help="write the confusion matrix as a picture")
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="label and confidence per audio file")
+    pr.add_argument("files", nargs="+", metavar="FILE|DIR")
+    pr.add_argument("--model", default="default", metavar="M")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--plot", metavar="DIR", help="write each file's log-Mel picture here")
+    pr.set_defaults(func=cmd_predict)
+
+    a = sub.add_parser("audit-data", help="list the clips most likely mislabelled or broken")
+    a.add_argument("--model", default="default", metavar="M")
+    a.add_argument("--data", required=True, type=Path, metavar="DIR")
+    a.add_argument("--top", type=int, default=30)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit_data)
     return p
 
 

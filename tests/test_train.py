@@ -121,3 +121,40 @@ def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
     assert main(["evaluate", "--model", str(tmp_path / "nope.skw"), "--data", "."]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such model bundle" in err[0]
+
+
+def test_predict_centres_the_word_before_classifying(tiny_bundle, speech_dir, tmp_path,
+                                                     capsys):
+    from streamkws.audio.wav import load_audio
+    from streamkws.tools.predict import centre_on_speech
+    from tests.conftest import write_wav
+
+    clip = load_audio(sorted((speech_dir / "yes").glob("*.wav"))[0])
+    # The word 2.3 s into a 4-s recording of near silence.
+    long = np.zeros(64000, np.float32)
+    long[36800 - 8000 : 36800 + 8000] = clip
+    crop, start = centre_on_speech(long)
+    assert len(crop) == 16000 and abs(start - (36800 - 8000)) < 3200
+    path = write_wav(tmp_path / "late_yes.wav", long)
+    assert main(["predict", str(path), "--model", str(tiny_bundle.path), "--json",
+                 "--plot", str(tmp_path / "plots")]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["label"] in tiny_bundle.labels and 0 < row["confidence"] <= 1
+    assert abs(sum(row["probabilities"].values()) - 1) < 1e-3
+    assert (tmp_path / "plots" / "late_yes.png").stat().st_size > 5000
+
+
+def test_audit_ranks_a_mislabelled_clip_among_the_suspects(tiny_bundle, small_data,
+                                                           tmp_path, capsys):
+    import shutil
+
+    from streamkws.tools.predict import audit
+
+    data = tmp_path / "d"
+    shutil.copytree(small_data, data, symlinks=True)
+    # A _silence_ recording filed under "yes" is the classic labelling mistake.
+    noise = sorted((small_data / "_silence_").iterdir())[0]
+    (data / "yes" / "ffffffff_nohash_9.wav").symlink_to(noise.resolve())
+    report = audit(tiny_bundle, data, top=15)
+    assert report["clips"] == 97
+    assert any(r["path"].endswith("ffffffff_nohash_9.wav") for r in report["suspects"])
