@@ -171,7 +171,10 @@ class LogMel:
         """Raw sample frames ``(..., win_length)`` -> log-Mel ``(..., n_mels)`` float32."""
         spec = np.fft.rfft(frames * self.window, n=self.config.n_fft)
         power = spec.real**2 + spec.imag**2
-        return np.log(power @ self._fb_t + self.config.log_offset).astype(np.float32)
+        # A 2-D product goes to BLAS; numpy's stacked (3-D) matmul is ~40x slower here.
+        mel = power.reshape(-1, power.shape[-1]) @ self._fb_t
+        out = np.log(mel + self.config.log_offset).astype(np.float32)
+        return out.reshape(*power.shape[:-1], self.config.n_mels)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """Audio ``(..., n_samples)`` -> log-Mel ``(..., n_frames, n_mels)``."""
