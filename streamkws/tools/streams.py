@@ -1,0 +1,129 @@
+"""Long test recordings built from labelled clips: words at known times over real noise.
+
+The demo recording, the end-to-end replay tests and ``stream-eval --build`` all use this,
+so a label file always states exactly where each word was placed.
+"""
+
+from __future__ import annotations
+
+import csv
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamkws.audio.wav import load_audio
+
+SR = 16000
+
+
+@dataclass(frozen=True)
+class Placed:
+    word: str
+    """The spoken word; keywords are what a detector should report."""
+    start: float
+    end: float
+    source: str
+
+
+def speech_bounds(x: np.ndarray, frame: int = 160, below_peak_db: float = 30.0) -> tuple[int,
+                                                                                        int]:
+    """First and last sample of the word in a clip: frames within ``below_peak_db`` of the
+    loudest frame and at least 12 dB above the clip's own noise floor (its quietest tenth),
+    so neither quiet breaths nor a noisy recording's background count as the word."""
+    n = len(x) // frame
+    if n == 0:
+        return 0, len(x)
+    e = 10 * np.log10((x[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(1) + 1e-12)
+    threshold = max(e.max() - below_peak_db, np.percentile(e, 10) + 12.0)
+    loud = np.flatnonzero(e >= min(threshold, e.max()))
+    return int(loud[0] * frame), int(min(len(x), (loud[-1] + 1) * frame))
+
+
+def speech_contrast_db(x: np.ndarray, frame: int = 160) -> float:
+    """Loudest frame over the quietest tenth, in dB: near 0 for a clip with no word in it."""
+    n = len(x) // frame
+    if n == 0:
+        return 0.0
+    e = 10 * np.log10((x[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(1) + 1e-12)
+    return float(e.max() - np.percentile(e, 10))
+
+
+def build_stream(
+    clips: list[tuple[str, Path]],
+    noise: list[np.ndarray],
+    gap_s: tuple[float, float] = (1.0, 2.5),
+    snr_db: float | None = 20.0,
+    noise_dbfs: float = -45.0,
+    seed: int = 0,
+    lead_s: float = 1.0,
+) -> tuple[np.ndarray, list[Placed]]:
+    """Concatenate ``(word, path)`` clips, trimmed to the word, with random gaps, over a
+    noise bed. ``snr_db`` sets the bed relative to the average speech level; None uses a
+    fixed ``noise_dbfs`` level."""
+    rng = np.random.default_rng(seed)
+    pieces, placed = [], []
+    pos = int(lead_s * SR)
+    words = []
+    for word, path in clips:
+        x = load_audio(path)
+        a, b = speech_bounds(x)
+        pad = int(0.05 * SR)  # keep the soft onset and release around the loud part
+        a, b = max(0, a - pad), min(len(x), b + pad)
+        words.append((word, path, x[a:b]))
+    for word, path, x in words:
+        pieces.append((pos, x))
+        placed.append(Placed(word, pos / SR, (pos + len(x)) / SR, str(path)))
+        pos += len(x) + int(rng.uniform(*gap_s) * SR)
+    total = pos
+    out = np.zeros(total, np.float32)
+    for at, x in pieces:
+        out[at : at + len(x)] += x
+    if noise:
+        bed = _noise_bed(noise, total, rng)
+        if snr_db is None:
+            level = 10 ** (noise_dbfs / 20)
+        else:
+            speech_rms = np.sqrt(np.mean(np.concatenate([x for _, x in pieces]) ** 2))
+            level = speech_rms * 10 ** (-snr_db / 20)
+        out += bed * (level / (np.sqrt(np.mean(bed**2)) + 1e-12))
+    peak = np.abs(out).max()
+    if peak > 0.99:
+        out *= 0.99 / peak
+    return out, placed
+
+
+def _noise_bed(noise: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    parts, have = [], 0
+    while have < n:
+        rec = noise[int(rng.integers(len(noise)))]
+        start = int(rng.integers(0, max(1, len(rec) - SR)))
+        seg = rec[start : start + min(n - have, len(rec) - start)]
+        parts.append(seg)
+        have += len(seg)
+    return np.concatenate(parts)[:n].astype(np.float32)
+
+
+def write_wav(path: str | Path, x: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
+
+
+def write_labels(path: str | Path, placed: list[Placed], keywords: set[str] | None = None) -> None:
+    """CSV ``keyword,start,end`` (seconds), one row per keyword utterance."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["keyword", "start", "end"])
+        for p in placed:
+            if keywords is None or p.word in keywords:
+                w.writerow([p.word, f"{p.start:.3f}", f"{p.end:.3f}"])
+
+
+def read_labels(path: str | Path) -> list[Placed]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [Placed(r["keyword"], float(r["start"]), float(r["end"]), "") for r in rows]
