@@ -68,11 +68,96 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    """A bundle path, or a bundled model: ``default`` (int8) or ``default-float``."""
+    threads: int = 1
+    """torch threads for inference; 1 keeps the daemon to one core of a small board."""
+
+    def validate(self, prefix: str = "model") -> ModelConfig:
+        if not self.name:
+            raise ConfigError(f"{prefix}.name", "must not be empty")
+        if not 1 <= self.threads <= 64:
+            raise ConfigError(f"{prefix}.threads", f"must be within 1..64 (got {self.threads})")
+        return self
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    threshold: float = 0.75
+    """Smoothed posterior a keyword must reach (keywords without their own threshold)."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Per-keyword thresholds, e.g. ``{ yes = 0.8, go = 0.9 }``."""
+    average_windows: int = 3
+    """Posteriors are averaged over the last this-many windows."""
+    min_windows: int = 2
+    """Consecutive windows the smoothed posterior must stay above threshold."""
+    refractory_ms: int = 1000
+    """After a detection, the same keyword is not reported again for this long."""
+    ignore: tuple[str, ...] = ("_silence_", "_unknown_")
+    """Labels that never publish."""
+
+    def validate(self, prefix: str = "detect") -> DetectConfig:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"{prefix}.threshold",
+                              f"must be within (0, 1] (got {self.threshold})")
+        for k, v in self.thresholds.items():
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"{prefix}.thresholds.{k}", f"must be within (0, 1] (got {v})")
+        if not 1 <= self.average_windows <= 50:
+            raise ConfigError(f"{prefix}.average_windows",
+                              f"must be within 1..50 (got {self.average_windows})")
+        if not 1 <= self.min_windows <= 50:
+            raise ConfigError(f"{prefix}.min_windows",
+                              f"must be within 1..50 (got {self.min_windows})")
+        if not 0 <= self.refractory_ms <= 60000:
+            raise ConfigError(f"{prefix}.refractory_ms",
+                              f"must be within 0..60000 (got {self.refractory_ms})")
+        return self
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    """Where the PUB socket binds: tcp://HOST:PORT or ipc:///path. Loopback by default;
+    binding all interfaces (tcp://*:5556) must be asked for."""
+    high_water_mark: int = 1000
+    """Messages queued per subscriber before ZeroMQ drops for that subscriber only."""
+    status_interval_s: float = 5.0
+    """A status message is published at least this often."""
+    curve_secret_key: str = ""
+    """CURVE: path of the server's secret key file (zmq.auth certificate); empty = off."""
+    curve_authorized_keys: str = ""
+    """CURVE: folder of client public keys allowed to subscribe; empty = any client that
+    knows the server's public key."""
+
+    def validate(self, prefix: str = "publish") -> PublishConfig:
+        if not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                f"{prefix}.endpoint",
+                f"must start with tcp://, ipc:// or inproc:// (got {self.endpoint!r})",
+            )
+        if not 1 <= self.high_water_mark <= 1_000_000:
+            raise ConfigError(f"{prefix}.high_water_mark",
+                              f"must be within 1..1000000 (got {self.high_water_mark})")
+        if not 0.1 <= self.status_interval_s <= 5.0:
+            raise ConfigError(f"{prefix}.status_interval_s",
+                              f"must be within 0.1..5 (got {self.status_interval_s})")
+        if self.curve_authorized_keys and not self.curve_secret_key:
+            raise ConfigError(f"{prefix}.curve_authorized_keys",
+                              "needs publish.curve_secret_key as well")
+        return self
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
     windows: WindowConfig = field(default_factory=WindowConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
