@@ -95,5 +95,7 @@ def test_default_toml_documents_every_key_with_its_default():
         documented = data.get(section.name, {})
         for f in dataclasses.fields(obj):
             assert f.name in documented, f"{section.name}.{f.name} missing from default.toml"
-            assert documented[f.name] == getattr(obj, f.name), f"{section.name}.{f.name}"
+            value = getattr(obj, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            assert documented[f.name] == value, f"{section.name}.{f.name}"
     assert config.parse(data) == defaults
