@@ -73,12 +73,18 @@ class ModelConfig:
     """A bundle path, or a bundled model: ``default`` (int8) or ``default-float``."""
     threads: int = 1
     """torch threads for inference; 1 keeps the daemon to one core of a small board."""
+    max_lag_ms: int = 500
+    """A live stream's windows this far behind the newest audio are skipped (counted as
+    dropped_windows) so the detector catches up instead of falling ever further behind."""
 
     def validate(self, prefix: str = "model") -> ModelConfig:
         if not self.name:
             raise ConfigError(f"{prefix}.name", "must not be empty")
         if not 1 <= self.threads <= 64:
             raise ConfigError(f"{prefix}.threads", f"must be within 1..64 (got {self.threads})")
+        if not 100 <= self.max_lag_ms <= 60000:
+            raise ConfigError(f"{prefix}.max_lag_ms",
+                              f"must be within 100..60000 (got {self.max_lag_ms})")
         return self
 
 

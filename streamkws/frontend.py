@@ -43,6 +43,16 @@ class FrontEnd:
         self.windows = 0
         self.windows_open = 0
 
+    def resume_at(self, position: int) -> None:
+        """Continue a stream at ``position`` (a replacement front end after a reload)."""
+        self._expected = position
+        self.windower.reset(position)
+
+    @property
+    def position(self) -> int:
+        """Stream position just past the last sample processed."""
+        return self._expected
+
     def process(self, chunk: Chunk) -> list[GatedWindow]:
         if chunk.start != self._expected:
             self.gaps += 1

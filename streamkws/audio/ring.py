@@ -100,6 +100,11 @@ class RingBuffer:
     # -- consumer side -------------------------------------------------------------------
 
     @property
+    def write_position(self) -> int:
+        """Stream position just past the newest sample the producer has offered."""
+        return self._next_in
+
+    @property
     def available(self) -> int:
         return self._written - self._read
 
