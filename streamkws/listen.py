@@ -1,0 +1,245 @@
+"""``streamkws listen``: subscribe to a daemon and print each message as one JSON line.
+
+Topic filters are ZeroMQ's: a prefix match on the topic frame (``--topic det`` also gets
+``detection``). With ``--server-key`` the connection uses CURVE: it is encrypted and the
+daemon can check our key against its ``publish.curve_authorized_keys``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from streamkws.errors import StreamKWSError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT = "tcp://127.0.0.1:5556"
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "handshake failed (is --server-key the publisher's public key?)"
+    ),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "handshake failed (security mismatch: does the publisher use CURVE and is "
+        "--server-key its public key?)"
+    ),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "the publisher refused our key (not in its publish.curve_authorized_keys?)"
+    ),
+}
+
+
+def listen(
+    connect: str = DEFAULT_CONNECT,
+    topics: list[str] | None = None,
+    server_key: str | None = None,
+    client_key: str | None = None,
+    out: TextIO | None = None,
+    count: int | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Print every message from ``connect`` as one JSON line on ``out``; return 0.
+
+    Stops on Ctrl-C, after ``count`` messages, or after ``timeout`` seconds without one.
+    ``server_key``: the publisher's public key file (its ``.key`` or ``.key_secret``);
+    ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
+    """
+    out = sys.stdout if out is None else out
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    monitor: zmq.Socket | None = None
+    try:
+        if connect.startswith("tcp://") and ":" in connect[6:].rpartition(":")[0]:
+            sub.setsockopt(zmq.IPV6, 1)
+        if server_key:
+            _setup_curve_client(sub, server_key, client_key)
+        elif client_key:
+            raise StreamKWSError("--client-key needs --server-key (the publisher's public key)")
+        for t in topics or [""]:
+            sub.setsockopt(zmq.SUBSCRIBE, t.encode("utf-8"))
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED
+        for e in _HANDSHAKE_FAILURES:
+            events |= e
+        monitor = sub.get_monitor_socket(events)
+        try:
+            sub.connect(connect)
+        except zmq.ZMQError as exc:
+            raise StreamKWSError(f"cannot connect to {connect}: {exc}") from None
+        return _loop(sub, monitor, connect, out, count, timeout)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if monitor is not None:
+            sub.disable_monitor()
+            monitor.close(linger=0)
+        sub.close(linger=0)
+        ctx.term()
+
+
+def _setup_curve_client(sub: zmq.Socket, server_key: str, client_key: str | None) -> None:
+    server_public, _ = _load_key(server_key, "--server-key")
+    if client_key:
+        public, secret = _load_key(client_key, "--client-key")
+        if secret is None:
+            raise StreamKWSError(
+                f"--client-key: {client_key} holds only a public key; give the key-pair file "
+                "('.key_secret')"
+            )
+    else:
+        # Enough when the publisher lets any client in that knows its public key.
+        public, secret = zmq.curve_keypair()
+    try:
+        sub.curve_serverkey = server_public
+        sub.curve_publickey = public
+        sub.curve_secretkey = secret
+    except zmq.ZMQError as exc:
+        raise StreamKWSError(f"invalid CURVE key ({exc})") from None
+
+
+def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise StreamKWSError(f"{option}: no such key file: {p}")
+    try:
+        return zmq.auth.load_certificate(p)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StreamKWSError(f"{option}: cannot load key from {p}: {exc}") from None
+
+
+def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
+          count: int | None, timeout: float | None) -> int:
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    received = 0
+    last = time.monotonic()
+    warned: set[int] = set()
+    while True:
+        wait_ms: int | None = None
+        if timeout is not None:
+            left = last + timeout - time.monotonic()
+            if left <= 0:
+                return 0
+            wait_ms = max(1, int(left * 1000))
+        events = dict(poller.poll(wait_ms))
+        if monitor in events:
+            _handle_monitor(monitor, connect, warned)
+        if sub not in events:
+            continue
+        while True:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            last = time.monotonic()
+            line = _format(frames)
+            if line is None:
+                continue
+            try:
+                out.write(line + "\n")
+                out.flush()
+            except BrokenPipeError:
+                _silence_stdout(out)
+                return 0
+            received += 1
+            if count is not None and received >= count:
+                return 0
+
+
+def _format(frames: list[bytes]) -> str | None:
+    if len(frames) != 2:
+        log.warning("ignoring a message of %d frames (expected topic and JSON)", len(frames))
+        return None
+    try:
+        payload = json.loads(frames[1].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring a %r message that is not UTF-8 JSON: %s", frames[0], exc)
+        return None
+    # Re-encoded so a publisher's pretty-printed JSON still comes out as one line.
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int]) -> None:
+    while True:
+        try:
+            evt = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        event = evt["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            warned.clear()
+            log.debug("connected to %s", connect)
+        elif event in _HANDSHAKE_FAILURES and event not in warned:
+            # ZeroMQ retries forever and silently; say once why nothing arrives.
+            warned.add(event)
+            log.warning("%s: %s", connect, _HANDSHAKE_FAILURES[event])
+
+
+def _silence_stdout(out: TextIO) -> None:
+    # The reader went away (``listen | head``): point stdout at /dev/null so Python's exit
+    # flush does not complain about the broken pipe.
+    if out is sys.stdout:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n})")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return x
+
+
+def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``streamkws listen`` options."""
+    parser.add_argument("--connect", metavar="EP", default=DEFAULT_CONNECT,
+                        help=f"publisher endpoint (default {DEFAULT_CONNECT})")
+    parser.add_argument("--topic", metavar="T", action="append", default=None,
+                        help="topic prefix to receive (detection, status); repeatable; "
+                             "default all")
+    parser.add_argument("--server-key", metavar="FILE", default=None,
+                        help="the publisher's CURVE public key file: turns on encryption")
+    parser.add_argument("--client-key", metavar="FILE", default=None,
+                        help="our CURVE key-pair file (.key_secret) when the publisher only "
+                             "admits known clients; default a throw-away key pair")
+    parser.add_argument("--count", metavar="N", type=_positive_int, default=None,
+                        help="exit after N messages")
+    parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
+                        help="exit after S seconds without a message")
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    return listen(
+        connect=args.connect,
+        topics=args.topic or [],
+        server_key=args.server_key,
+        client_key=args.client_key,
+        count=args.count,
+        timeout=args.timeout,
+    )

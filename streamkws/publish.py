@@ -1,0 +1,410 @@
+"""Detection and status messages on a ZeroMQ PUB socket.
+
+Wire format (binding, see the contract): two frames, the topic (``b"detection"`` or
+``b"status"``) and UTF-8 JSON carrying ``"v": 1`` and ``"seq"``, a counter of every message
+sent on the socket from 0. A subscriber that sees ``seq`` jump knows it lost messages.
+
+ZeroMQ's PUB socket never blocks and never reports a slow subscriber: when one subscriber's
+queue (``publish.high_water_mark`` messages) is full, messages for *that* subscriber are
+silently dropped and every other subscriber still gets them. ``seq`` therefore advances for
+every message handed to ZeroMQ and each subscriber sees gaps only for what it dropped itself.
+
+Threading: a ``zmq.Socket`` is not thread-safe. One thread (the daemon's processing thread)
+publishes and calls :meth:`Publisher.close`; other threads hand it messages through a queue.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from streamkws.config import PublishConfig
+from streamkws.errors import StreamKWSError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+TOPIC_DETECTION = "detection"
+TOPIC_STATUS = "status"
+
+# Short enough that shutdown never hangs on a subscriber that went away, long enough for
+# the final status message to leave the machine on a healthy connection.
+LINGER_MS = 500
+# ZMTP heartbeats let the socket notice a subscriber whose link died without a FIN (Wi-Fi
+# gone, board unplugged) and free its queue, instead of waiting for TCP's 2-hour keepalive.
+HEARTBEAT_IVL_MS = 10_000
+HEARTBEAT_TIMEOUT_MS = 30_000
+
+
+def _ms(x: float) -> float | None:
+    """Seconds rounded to the millisecond; ``None`` for NaN/inf, which JSON cannot carry."""
+    x = float(x)
+    return round(x, 3) if math.isfinite(x) else None
+
+
+def _r4(x: float) -> float | None:
+    x = float(x)
+    return round(x, 4) if math.isfinite(x) else None
+
+
+def detection_message(
+    keyword: str,
+    score: float,
+    t_start: float,
+    t_end: float,
+    t_emit: float,
+    source: str,
+    model: str,
+    model_sha256: str,
+) -> dict[str, Any]:
+    """A detection message with exactly the contract's keys.
+
+    ``seq`` is ``None`` until :meth:`Publisher.publish` fills it in; the key is present so
+    the JSON keeps the contract's key order.
+    """
+    return {
+        "v": PROTOCOL_VERSION,
+        "type": "detection",
+        "keyword": str(keyword),
+        "score": _r4(score),
+        "t_start": _ms(t_start),
+        "t_end": _ms(t_end),
+        "t_emit": _ms(t_emit),
+        "seq": None,
+        "source": str(source),
+        "model": str(model),
+        "model_sha256": str(model_sha256),
+        "wall_time": _ms(time.time()),
+    }
+
+
+def status_message(
+    *,
+    uptime: float,
+    audio_seconds: float,
+    inferences: int,
+    vad_active_ratio: float,
+    overruns: int,
+    dropped_windows: int,
+    detections: int,
+    final: bool = False,
+) -> dict[str, Any]:
+    """A status message with exactly the contract's keys (plus ``"final": true`` if final).
+
+    Keyword-only so ``status_message(**counters)`` with a misspelt counter fails loudly.
+    """
+    msg: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "type": "status",
+        "seq": None,
+        "uptime": _ms(uptime),
+        "audio_seconds": _ms(audio_seconds),
+        "inferences": int(inferences),
+        "vad_active_ratio": _r4(vad_active_ratio),
+        "overruns": int(overruns),
+        "dropped_windows": int(dropped_windows),
+        "detections": int(detections),
+    }
+    if final:
+        msg["final"] = True
+    return msg
+
+
+class Publisher:
+    """A bound PUB socket that sends contract messages without ever blocking.
+
+    The socket is an XPUB: it sends exactly as a PUB does, and also hears subscriptions
+    arrive, so a replay can wait for its subscribers instead of publishing into the void
+    (ZeroMQ drops what is sent before a subscription reaches the publisher).
+
+    Not thread-safe: publish and close from one thread (see the module docstring).
+    """
+
+    def __init__(self, cfg: PublishConfig, context: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.sent = 0
+        """Messages handed to ZeroMQ; also the ``seq`` of the next message."""
+        self.dropped = 0
+        """Messages ZeroMQ refused (``zmq.Again``) or could not take; never given a ``seq``."""
+        self._closed = False
+        self._own_context = context is None
+        self.context: zmq.Context = zmq.Context() if context is None else context
+        self._auth: ThreadAuthenticator | None = None
+        self.subscriptions = 0
+        """Subscribe requests heard so far (each subscriber sends one per topic)."""
+        self.socket: zmq.Socket = self.context.socket(zmq.XPUB)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint: str = self._bound_endpoint()
+        log.info("publishing on %s%s", self.endpoint, " (CURVE)" if self._auth else "")
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _setup(self, cfg: PublishConfig) -> None:
+        s = self.socket
+        s.setsockopt(zmq.SNDHWM, cfg.high_water_mark)
+        s.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass up every subscribe, not only a topic's first
+        s.setsockopt(zmq.LINGER, LINGER_MS)
+        s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if cfg.endpoint.startswith("tcp://"):
+            host = _tcp_host(cfg.endpoint)
+            # IPv6 sockets also accept IPv4 but ``*`` would then mean every v4 *and* v6
+            # interface; keep it off unless the address itself is IPv6.
+            s.setsockopt(zmq.IPV6, 1 if ":" in host else 0)
+            if host in ("*", "0.0.0.0", "[::]", "::") and not cfg.curve_secret_key:
+                log.warning("%s publishes detections unencrypted to every network interface; "
+                            "consider publish.curve_secret_key", cfg.endpoint)
+        elif cfg.endpoint.startswith("ipc://"):
+            _prepare_ipc_path(cfg.endpoint)
+        if cfg.curve_secret_key:
+            self._setup_curve(cfg)
+        try:
+            s.bind(cfg.endpoint)
+        except zmq.ZMQError as exc:
+            raise StreamKWSError(
+                f"cannot publish on {cfg.endpoint}: {_bind_reason(exc, cfg.endpoint)}"
+            ) from None
+
+    def _setup_curve(self, cfg: PublishConfig) -> None:
+        path = Path(cfg.curve_secret_key).expanduser()
+        if not path.is_file():
+            raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise StreamKWSError(
+                f"publish.curve_secret_key: cannot load key pair from {path}: {exc}"
+            ) from None
+        if secret is None:
+            raise StreamKWSError(
+                f"publish.curve_secret_key: {path} holds only a public key; give the secret "
+                "key file (the '.key_secret' one from 'create_certificates')"
+            )
+        try:
+            if path.stat().st_mode & 0o077:
+                log.warning("%s (CURVE secret key) is readable by other users; chmod 600 it",
+                            path)
+        except OSError:
+            pass
+        location: str | os.PathLike[str] = zmq.auth.CURVE_ALLOW_ANY
+        if cfg.curve_authorized_keys:
+            location = Path(cfg.curve_authorized_keys).expanduser()
+            # The authenticator only logs a bad folder and then lets nobody in; check it
+            # here so a typo is an error at start-up instead of a silent lock-out.
+            try:
+                allowed = zmq.auth.load_certificates(location)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise StreamKWSError(
+                    f"publish.curve_authorized_keys: cannot load client keys from "
+                    f"{location}: {exc}"
+                ) from None
+            if not allowed:
+                log.warning("publish.curve_authorized_keys: no '*.key' files in %s; no "
+                            "subscriber will be let in", location)
+        try:
+            s = self.socket
+            s.curve_secretkey = secret
+            s.curve_publickey = public
+            s.curve_server = True
+        except zmq.ZMQError as exc:
+            raise StreamKWSError(
+                f"publish.curve_secret_key: {path} does not hold a valid CURVE key ({exc})"
+            ) from None
+        auth = ThreadAuthenticator(self.context, log=logging.getLogger(f"{__name__}.auth"))
+        try:
+            auth.start()
+        except zmq.ZMQError as exc:
+            # ZAP handlers are per context: a second CURVE publisher on a shared context
+            # cannot start its own.
+            raise StreamKWSError(
+                f"cannot start CURVE authentication for {cfg.endpoint}: {exc}"
+            ) from None
+        self._auth = auth
+        auth.configure_curve(domain="*", location=location)
+
+    def _bound_endpoint(self) -> str:
+        try:
+            last = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError:
+            last = ""
+        return last or self.cfg.endpoint
+
+    # -- use ----------------------------------------------------------------------------
+
+    def _drain_subscriptions(self) -> None:
+        while True:
+            try:
+                frame = self.socket.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if frame[:1] == b"\x01":
+                self.subscriptions += 1
+
+    def wait_for_subscribers(self, n: int, timeout: float) -> bool:
+        """Block until ``n`` subscriptions have arrived or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while self.subscriptions < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.socket.poll(int(min(left, 0.1) * 1000), zmq.POLLIN):
+                self._drain_subscriptions()
+        return True
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Send ``payload`` as JSON under ``topic``; never blocks.
+
+        ``payload`` gets ``"v"`` and ``"seq"`` set in place, so the caller can print exactly
+        what subscribers receive. Returns False (and counts ``dropped``) when ZeroMQ did not
+        take the message, whose ``seq`` the next message then reuses; a PUB socket
+        practically never refuses, it drops per subscriber instead.
+        A payload that is not JSON-serialisable is a bug and raises.
+        """
+        if self._closed:
+            self.dropped += 1
+            return False
+        self._drain_subscriptions()  # keeps the XPUB's incoming queue from growing
+        payload["v"] = PROTOCOL_VERSION
+        payload["seq"] = self.sent
+        data = json.dumps(payload, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+        try:
+            self.socket.send_multipart([topic.encode("utf-8"), data], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        except zmq.ZMQError as exc:
+            # Detection must carry on even if publishing breaks (context terminated etc.).
+            self.dropped += 1
+            log.warning("publish on %s failed: %s", self.endpoint, exc)
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        """Close the socket (waiting at most LINGER_MS for queued messages); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.socket.close(linger=LINGER_MS)
+        finally:
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
+            if self._own_context:
+                self.context.term()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate_keys(folder: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """Create a CURVE key pair: ``folder/name.key`` (public) and ``name.key_secret``.
+
+    The secret file is made readable by its owner only.
+    """
+    d = Path(folder).expanduser()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(d, name)
+        os.chmod(secret, 0o600)
+    except OSError as exc:
+        raise StreamKWSError(f"cannot write CURVE keys to {d}: {exc.strerror or exc}") from None
+    return Path(public), Path(secret)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def _tcp_host(endpoint: str) -> str:
+    rest = endpoint[len("tcp://"):]
+    # A connect-style "source;dest" never applies to bind; the host is before the last ':'.
+    host, _, _port = rest.rpartition(":")
+    return host
+
+
+def _prepare_ipc_path(endpoint: str) -> None:
+    """Create the socket's folder and remove a dead daemon's leftover socket file.
+
+    libzmq unlinks whatever sits at an ipc path before binding, which would silently steal
+    the address from a running daemon (or delete a regular file); check first.
+    """
+    raw = endpoint[len("ipc://"):]
+    if not raw or raw.startswith("@") or raw == "*":
+        return  # Linux abstract namespace or a libzmq-chosen temp path: no file to manage
+    path = Path(raw)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StreamKWSError(
+            f"cannot publish on {endpoint}: cannot create {path.parent} "
+            f"({exc.strerror or exc})"
+        ) from None
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StreamKWSError(f"cannot publish on {endpoint}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StreamKWSError(
+            f"cannot publish on {endpoint}: {path} exists and is not a socket"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody listens: a crashed daemon's leftover
+    except OSError as exc:
+        raise StreamKWSError(f"cannot publish on {endpoint}: {exc.strerror or exc}") from None
+    else:
+        raise StreamKWSError(
+            f"cannot publish on {endpoint}: address in use (another process listens there)"
+        )
+    finally:
+        probe.close()
+    try:
+        path.unlink()
+        log.info("removed stale socket file %s", path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StreamKWSError(
+            f"cannot publish on {endpoint}: cannot remove stale socket file "
+            f"({exc.strerror or exc})"
+        ) from None
+
+
+def _bind_reason(exc: zmq.ZMQError, endpoint: str) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address in use (is another streamkws running?)"
+    if exc.errno == errno.EACCES:
+        hint = " (ports below 1024 need privileges)" if endpoint.startswith("tcp://") else ""
+        return f"permission denied{hint}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no such local address"
+    return str(exc)

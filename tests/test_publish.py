@@ -1,0 +1,563 @@
+"""The detection messages' wire contract on ZeroMQ, and ``streamkws listen``.
+
+Loopback only (127.0.0.1 on random ports, ipc:// under tmp_path); every wait is bounded.
+A PUB socket drops what it sends before a subscription has arrived (ZeroMQ's "slow
+joiner"), so each test first publishes probes until its subscribers see one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from streamkws.config import PublishConfig
+from streamkws.errors import StreamKWSError
+from streamkws.listen import DEFAULT_CONNECT, add_listen_arguments, listen, run_listen
+from streamkws.publish import Publisher, detection_message, generate_keys, status_message
+
+DETECTION_KEYS = {"v", "type", "keyword", "score", "t_start", "t_end", "t_emit", "seq",
+                  "source", "model", "model_sha256", "wall_time"}
+STATUS_KEYS = {"v", "type", "seq", "uptime", "audio_seconds", "inferences",
+               "vad_active_ratio", "overruns", "dropped_windows", "detections"}
+LOCAL = "tcp://127.0.0.1:*"
+# How long a subscriber that must not receive anything is watched.
+QUIET_S = 1.0
+
+
+def a_detection(keyword: str = "yes") -> dict[str, Any]:
+    return detection_message(keyword, 0.97, 12.31, 12.95, 13.10, "mic:0", "default", "ab" * 32)
+
+
+def a_status(**over: Any) -> dict[str, Any]:
+    counters = dict(uptime=5.0, audio_seconds=4.98, inferences=50, vad_active_ratio=0.25,
+                    overruns=0, dropped_windows=0, detections=1)
+    counters.update(over)
+    return status_message(**counters)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
+def make_pub(ctx: zmq.Context) -> Iterator[Callable[..., Publisher]]:
+    made: list[Publisher] = []
+
+    def make(endpoint: str = LOCAL, **kw: Any) -> Publisher:
+        p = Publisher(PublishConfig(endpoint=endpoint, **kw).validate(), context=ctx)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def subscriber(ctx: zmq.Context, endpoint: str, *, hwm: int | None = None,
+               server_key: bytes | None = None,
+               keypair: tuple[bytes, bytes] | None = None) -> zmq.Socket:
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    if hwm is not None:
+        s.setsockopt(zmq.RCVHWM, hwm)
+    if server_key is not None:
+        public, secret = keypair or zmq.curve_keypair()
+        s.curve_serverkey = server_key
+        s.curve_publickey = public
+        s.curve_secretkey = secret
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(endpoint)
+    return s
+
+
+def recv(sock: zmq.Socket, timeout_s: float) -> tuple[list[bytes], dict[str, Any]] | None:
+    if not sock.poll(int(timeout_s * 1000)):
+        return None
+    frames = sock.recv_multipart()
+    return frames, json.loads(frames[1].decode("utf-8"))
+
+
+def drain(sock: zmq.Socket, quiet_s: float = 0.1) -> list[dict[str, Any]]:
+    got = []
+    while (m := recv(sock, quiet_s)) is not None:
+        got.append(m[1])
+    return got
+
+
+def sync(pub: Publisher, *subs: zmq.Socket, deadline_s: float = 5.0) -> None:
+    """Publish probes until every subscriber has one, then drain them all.
+
+    Each probe carries its own index, so this also checks that ``seq`` counts every
+    message from 0.
+    """
+    pending = set(subs)
+    end = time.monotonic() + deadline_s
+    while pending:
+        assert time.monotonic() < end, "subscribers never connected"
+        n = pub.sent
+        assert pub.publish("probe", {"type": "probe", "n": n})
+        for s in list(pending):
+            if (m := recv(s, 0.05)) is not None:
+                pending.discard(s)
+                assert m[1]["seq"] == m[1]["n"]
+    for s in subs:
+        for msg in drain(s):
+            assert msg["type"] == "probe" and msg["seq"] == msg["n"]
+
+
+def receive_after(sock: zmq.Socket, first_seq: int, n: int,
+                  timeout_s: float = 5.0) -> list[tuple[list[bytes], dict[str, Any]]]:
+    """The next ``n`` messages with ``seq >= first_seq`` (late probes are skipped)."""
+    got = []
+    end = time.monotonic() + timeout_s
+    while len(got) < n:
+        m = recv(sock, max(0.0, end - time.monotonic()))
+        assert m is not None, f"got {len(got)} of {n} messages"
+        if m[1]["seq"] >= first_seq:
+            got.append(m)
+    return got
+
+
+# -- message builders -------------------------------------------------------------------
+
+def test_detection_message_has_exactly_the_contract_keys() -> None:
+    before = time.time()
+    msg = detection_message("yes", 0.971234567, 12.3104, 12.9496, 13.1, "mic:0", "default",
+                            "f" * 64)
+    assert set(msg) == DETECTION_KEYS
+    assert msg["type"] == "detection" and msg["v"] == 1 and msg["keyword"] == "yes"
+    assert msg["score"] == 0.9712
+    assert (msg["t_start"], msg["t_end"], msg["t_emit"]) == (12.31, 12.95, 13.1)
+    assert before - 0.01 <= msg["wall_time"] <= time.time() + 0.01
+    json.dumps(msg, allow_nan=False)
+
+
+def test_status_message_has_exactly_the_contract_keys_and_final_only_when_final() -> None:
+    msg = a_status(vad_active_ratio=0.123456, uptime=5.00049)
+    assert set(msg) == STATUS_KEYS
+    assert msg["type"] == "status" and msg["vad_active_ratio"] == 0.1235
+    assert msg["uptime"] == 5.0
+    final = a_status(final=True)
+    assert set(final) == STATUS_KEYS | {"final"} and final["final"] is True
+    with pytest.raises(TypeError):
+        status_message(uptime=1.0)  # a missing counter is a bug, not a zero
+
+
+def test_non_finite_numbers_become_null_so_the_json_stays_valid() -> None:
+    msg = detection_message("yes", math.nan, math.inf, 1.0, 1.0, "demo", "default", "")
+    assert msg["score"] is None and msg["t_start"] is None
+    json.dumps(msg, allow_nan=False)
+
+
+# -- the socket ---------------------------------------------------------------------------
+
+def test_two_frames_contract_keys_and_seq_counts_every_message(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    assert pub.endpoint.startswith("tcp://127.0.0.1:") and not pub.endpoint.endswith("*")
+    sub = subscriber(ctx, pub.endpoint)
+    sync(pub, sub)
+    first = pub.sent
+    sent = []
+    for i in range(20):
+        msg = a_detection() if i % 3 else a_status()
+        assert pub.publish(msg["type"], msg)
+        assert msg["seq"] == first + i  # set in place: the caller can print what was sent
+        sent.append(msg)
+    got = receive_after(sub, first, 20)
+    for (frames, payload), msg in zip(got, sent, strict=True):
+        assert len(frames) == 2
+        assert frames[0] == msg["type"].encode()
+        assert set(payload) == (DETECTION_KEYS if msg["type"] == "detection" else STATUS_KEYS)
+        assert payload == msg
+    assert [p["seq"] for _, p in got] == list(range(first, first + 20))
+    assert pub.sent == first + 20 and pub.dropped == 0
+
+
+def test_final_status_is_delivered_on_close(ctx: zmq.Context,
+                                            make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    sub = subscriber(ctx, pub.endpoint)
+    sync(pub, sub)
+    first = pub.sent
+    assert pub.publish("status", a_status(final=True))
+    pub.close()
+    (_, payload), = receive_after(sub, first, 1)
+    assert payload["final"] is True
+
+
+def test_every_subscriber_receives_every_message(ctx: zmq.Context,
+                                                 make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    subs = [subscriber(ctx, pub.endpoint) for _ in range(3)]
+    sync(pub, *subs)
+    first = pub.sent
+    for i in range(50):
+        assert pub.publish("detection", a_detection(f"kw{i}"))
+    for s in subs:
+        got = receive_after(s, first, 50)
+        assert [p["seq"] for _, p in got] == list(range(first, first + 50))
+        assert [p["keyword"] for _, p in got] == [f"kw{i}" for i in range(50)]
+
+
+def test_a_stalled_subscriber_neither_slows_publishing_nor_costs_others_messages(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub(high_water_mark=100)
+    stalled = subscriber(ctx, pub.endpoint, hwm=100)
+    reader = subscriber(ctx, pub.endpoint, hwm=100)
+    sync(pub, stalled, reader)
+    first = pub.sent
+    # Big enough to fill the stalled subscriber's queues and the kernel's socket buffers.
+    pad = "x" * 2000
+    n = 20000
+    worst = 0.0
+    t0 = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        assert pub.publish("status", {"type": "status", "pad": pad, "i": i})
+        worst = max(worst, time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    assert worst < 0.25 and total < 5.0, (worst, total)
+    assert pub.sent == first + n and pub.dropped == 0  # PUB drops per subscriber, silently
+
+    # The reader could not keep up with that burst (its queue is 100 too); at a daemon's
+    # pace it gets every message while the other subscriber is still stalled. (The pause
+    # matters: PUB learns what a subscriber consumed only every HWM/2 messages and checks
+    # at most about once a millisecond, so a tiny HWM drops even for a prompt reader when
+    # messages follow each other within microseconds.)
+    drain(reader, 0.3)
+    start = pub.sent
+    seqs = []
+    for i in range(30):
+        assert pub.publish("detection", a_detection(f"kw{i}"))
+        (_, payload), = receive_after(reader, start + i, 1)
+        seqs.append(payload["seq"])
+        time.sleep(0.01)
+    assert seqs == list(range(start, start + 30))
+
+    # The stalled subscriber lost most of the burst and can tell from the gaps in seq.
+    got = [m["seq"] for m in drain(stalled, 0.3)]
+    assert 0 < len(got) < n + 30
+    assert any(b - a > 1 for a, b in zip(got, got[1:], strict=False))
+    assert got == sorted(got)
+
+
+def test_seq_starts_at_zero_and_is_shared_by_all_topics(
+        make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    msgs = [a_status(), a_detection(), a_detection("no"), a_status(final=True)]
+    for m in msgs:
+        assert pub.publish(m["type"], m)  # nobody subscribed: PUB still takes it
+    assert [m["seq"] for m in msgs] == [0, 1, 2, 3]
+    assert pub.sent == 4 and pub.dropped == 0
+
+
+def test_publish_never_raises_after_close_and_close_is_idempotent(
+        make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    pub.close()
+    pub.close()
+    assert pub.closed
+    assert pub.publish("status", a_status()) is False
+    assert pub.dropped == 1 and pub.sent == 0
+
+
+def test_a_publisher_with_its_own_context_closes_promptly() -> None:
+    pub = Publisher(PublishConfig(endpoint=LOCAL))
+    # A subscriber that never reads must not make close() wait beyond LINGER.
+    c = zmq.Context()
+    try:
+        sub = subscriber(c, pub.endpoint, hwm=1)
+        for _ in range(100):
+            pub.publish("status", a_status())
+        t = time.monotonic()
+        pub.close()
+        assert time.monotonic() - t < 2.0
+        sub.close()
+    finally:
+        c.destroy(linger=0)
+
+
+# -- endpoints ----------------------------------------------------------------------------
+
+def test_ipc_creates_its_folder_and_replaces_a_stale_socket_file(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher], tmp_path: Path) -> None:
+    path = tmp_path / "run" / "kws.sock"
+    endpoint = f"ipc://{path}"
+    pub = make_pub(endpoint)
+    assert path.is_socket()
+    sub = subscriber(ctx, endpoint)
+    sync(pub, sub)
+    pub.close()
+
+    # What a daemon killed with SIGKILL leaves behind: a socket file nobody listens on.
+    path.unlink(missing_ok=True)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    assert path.is_socket()
+    pub2 = make_pub(endpoint)
+    sub2 = subscriber(ctx, endpoint)
+    sync(pub2, sub2)
+
+
+def test_ipc_refuses_to_take_over_a_live_socket_or_delete_a_file(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher], tmp_path: Path) -> None:
+    path = tmp_path / "kws.sock"
+    endpoint = f"ipc://{path}"
+    pub = make_pub(endpoint)
+    with pytest.raises(StreamKWSError, match="address in use") as err:
+        make_pub(endpoint)
+    assert endpoint in str(err.value)
+    sub = subscriber(ctx, endpoint)
+    sync(pub, sub)  # the running publisher still owns its address
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(StreamKWSError, match="not a socket"):
+        make_pub(f"ipc://{precious}")
+    assert precious.read_text() == "keep me"
+
+
+def test_binding_a_busy_tcp_port_names_the_endpoint(make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    with pytest.raises(StreamKWSError, match="address in use") as err:
+        make_pub(pub.endpoint)
+    assert pub.endpoint in str(err.value)
+
+
+# -- CURVE --------------------------------------------------------------------------------
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
+    return {name: generate_keys(tmp_path / "keys", name)
+            for name in ("server", "client_a", "client_b")}
+
+
+def _keypair(secret_file: Path) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    return public, secret
+
+
+def _quiet(sock: zmq.Socket, pub: Publisher) -> bool:
+    """Keep publishing for QUIET_S; True if ``sock`` received nothing meanwhile."""
+    end = time.monotonic() + QUIET_S
+    while time.monotonic() < end:
+        pub.publish("status", a_status())
+        if sock.poll(20):
+            return False
+    return True
+
+
+def test_generated_secret_key_is_private(keys: dict[str, tuple[Path, Path]]) -> None:
+    public, secret = keys["server"]
+    assert public.name == "server.key" and secret.name == "server.key_secret"
+    assert secret.stat().st_mode & 0o077 == 0
+
+
+def test_curve_subscriber_needs_the_server_public_key(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher],
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    server_public_file, server_secret_file = keys["server"]
+    pub = make_pub(curve_secret_key=str(server_secret_file))
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    good = subscriber(ctx, pub.endpoint, server_key=server_public)
+    plain = subscriber(ctx, pub.endpoint)
+    sync(pub, good)
+    assert _quiet(plain, pub)
+    wrong = subscriber(ctx, pub.endpoint, server_key=zmq.curve_keypair()[0])
+    assert _quiet(wrong, pub)
+
+
+def test_curve_authorized_keys_admits_only_listed_clients(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher],
+        keys: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    allowed = tmp_path / "authorized"
+    allowed.mkdir()
+    shutil.copy(keys["client_a"][0], allowed)
+    pub = make_pub(curve_secret_key=str(keys["server"][1]),
+                   curve_authorized_keys=str(allowed))
+    server_public, _ = zmq.auth.load_certificate(keys["server"][0])
+    a = subscriber(ctx, pub.endpoint, server_key=server_public,
+                   keypair=_keypair(keys["client_a"][1]))
+    b = subscriber(ctx, pub.endpoint, server_key=server_public,
+                   keypair=_keypair(keys["client_b"][1]))
+    sync(pub, a)
+    assert _quiet(b, pub)
+
+
+def test_curve_key_errors_name_the_key_and_path(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path) -> None:
+    missing = tmp_path / "nope.key_secret"
+    with pytest.raises(StreamKWSError, match="publish.curve_secret_key") as err:
+        make_pub(curve_secret_key=str(missing))
+    assert str(missing) in str(err.value)
+    with pytest.raises(StreamKWSError, match="only a public key"):
+        make_pub(curve_secret_key=str(keys["server"][0]))
+    with pytest.raises(StreamKWSError, match="publish.curve_authorized_keys"):
+        make_pub(curve_secret_key=str(keys["server"][1]),
+                 curve_authorized_keys=str(tmp_path / "no-such-folder"))
+
+
+# -- listen ---------------------------------------------------------------------------
+
+class Background:
+    """Publishes a detection and a status every 20 ms from its own thread until stopped."""
+
+    def __init__(self, pub: Publisher) -> None:
+        self.pub = pub
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.monotonic() + 10
+        while not self.stop.is_set() and time.monotonic() < end:
+            self.pub.publish("detection", a_detection())
+            self.pub.publish("status", a_status())
+            self.stop.wait(0.02)
+
+    def __enter__(self) -> Background:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_listen_prints_one_json_line_per_message_and_stops_after_count(
+        make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    out = io.StringIO()
+    with Background(pub):
+        assert listen(pub.endpoint, [], None, None, out=out, count=6, timeout=5) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6
+    msgs = [json.loads(line) for line in lines]
+    assert {m["type"] for m in msgs} == {"detection", "status"}
+    for m in msgs:
+        assert set(m) == (DETECTION_KEYS if m["type"] == "detection" else STATUS_KEYS)
+    seqs = [m["seq"] for m in msgs]
+    assert seqs == list(range(seqs[0], seqs[0] + 6))
+
+
+def test_listen_topic_filter(make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    out = io.StringIO()
+    with Background(pub):
+        assert listen(pub.endpoint, ["status"], None, None, out=out, count=3, timeout=5) == 0
+    assert [json.loads(line)["type"] for line in out.getvalue().splitlines()] == ["status"] * 3
+
+
+def test_listen_with_curve(make_pub: Callable[..., Publisher],
+                           keys: dict[str, tuple[Path, Path]], tmp_path: Path,
+                           caplog: pytest.LogCaptureFixture) -> None:
+    allowed = tmp_path / "authorized"
+    allowed.mkdir()
+    shutil.copy(keys["client_a"][0], allowed)
+    pub = make_pub(curve_secret_key=str(keys["server"][1]),
+                   curve_authorized_keys=str(allowed))
+    out = io.StringIO()
+    with Background(pub):
+        # The server's secret file holds its public key too, so either file works.
+        assert listen(pub.endpoint, [], str(keys["server"][1]), str(keys["client_a"][1]),
+                      out=out, count=2, timeout=5) == 0
+        assert len(out.getvalue().splitlines()) == 2
+        refused = io.StringIO()
+        assert listen(pub.endpoint, [], str(keys["server"][0]), str(keys["client_b"][1]),
+                      out=refused, timeout=QUIET_S) == 0
+        assert refused.getvalue() == ""
+    # ZeroMQ retries silently forever; listen says once why nothing arrives.
+    assert "refused our key" in caplog.text
+
+
+def test_listen_exits_cleanly_on_ctrl_c() -> None:
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+    t = time.monotonic()
+    try:
+        timer.start()
+        # timeout only as a safety net: Ctrl-C must end it well before.
+        assert listen("tcp://127.0.0.1:1", [], None, None, out=io.StringIO(), timeout=5) == 0
+    except KeyboardInterrupt:
+        pytest.fail("listen let KeyboardInterrupt escape")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - t < 3
+
+
+def test_listen_times_out_quietly_without_messages() -> None:
+    out = io.StringIO()
+    t = time.monotonic()
+    # Nothing listens on port 1 of loopback: ZeroMQ just keeps retrying.
+    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=0.3) == 0
+    assert 0.25 < time.monotonic() - t < 3 and out.getvalue() == ""
+
+
+def test_listen_key_errors_are_user_errors(tmp_path: Path,
+                                           keys: dict[str, tuple[Path, Path]]) -> None:
+    with pytest.raises(StreamKWSError, match="--server-key"):
+        listen(DEFAULT_CONNECT, [], str(tmp_path / "missing.key"), None, timeout=0.1)
+    with pytest.raises(StreamKWSError, match="--client-key"):
+        listen(DEFAULT_CONNECT, [], str(keys["server"][0]), str(tmp_path / "missing"),
+               timeout=0.1)
+    with pytest.raises(StreamKWSError, match="only a public key"):
+        listen(DEFAULT_CONNECT, [], str(keys["server"][0]), str(keys["client_a"][0]),
+               timeout=0.1)
+    with pytest.raises(StreamKWSError, match="--server-key"):
+        listen(DEFAULT_CONNECT, [], None, str(keys["client_a"][1]), timeout=0.1)
+    with pytest.raises(StreamKWSError, match="cannot connect"):
+        listen("tcp://no-port", [], None, None, timeout=0.1)
+
+
+def test_listen_arguments(make_pub: Callable[..., Publisher]) -> None:
+    parser = argparse.ArgumentParser()
+    add_listen_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.connect, args.topic, args.server_key, args.client_key, args.count,
+            args.timeout) == (DEFAULT_CONNECT, None, None, None, None, None)
+    args = parser.parse_args(["--topic", "status", "--topic", "detection", "--count", "2"])
+    assert args.topic == ["status", "detection"] and args.count == 2
+    for bad in (["--count", "0"], ["--timeout", "-1"], ["--count", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+    pub = make_pub()
+    args = parser.parse_args(["--connect", pub.endpoint, "--count", "1", "--timeout", "5"])
+    with Background(pub):
+        assert run_listen(args) == 0
+
+
+def test_a_replay_can_wait_for_its_subscribers(ctx: zmq.Context,
+                                               make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    assert not pub.wait_for_subscribers(1, timeout=0.2)
+    a = subscriber(ctx, pub.endpoint, hwm=1000)
+    b = subscriber(ctx, pub.endpoint, hwm=1000)
+    assert pub.wait_for_subscribers(2, timeout=5.0)
+    # Once both subscriptions have arrived, the very first message reaches both.
+    assert pub.publish("status", a_status())
+    for s in (a, b):
+        (_, payload), = receive_after(s, 0, 1)
+        assert payload["seq"] == 0
