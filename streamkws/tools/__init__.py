@@ -1,0 +1,1 @@
+"""Command-line tools for measuring and tuning streamkws (``python -m streamkws.tools.<name>``)."""
