@@ -99,3 +99,12 @@ def test_default_toml_documents_every_key_with_its_default():
             value = list(value) if isinstance(value, tuple) else value
             assert documented[f.name] == value, f"{section.name}.{f.name}"
     assert config.parse(data) == defaults
+
+
+def test_the_raspberry_pi_config_is_valid_and_lighter():
+    from tests.conftest import REPO
+
+    pi = config.load(REPO / "configs" / "raspberry-pi.toml")
+    default = config.Config()
+    assert pi.windows.hop_ms > default.windows.hop_ms
+    assert pi.vad.kind == "webrtc" and pi.model.threads == 1
