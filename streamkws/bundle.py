@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,8 @@ def load_bundle(spec: str | Path) -> Bundle:
     path = resolve_model(spec)
     data = path.read_bytes()
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with _quiet_loading():
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StreamKWSError(f"{path}: not a streamkws model bundle ({first[:200]})") from None
@@ -218,14 +220,27 @@ def load_bundle(spec: str | Path) -> Bundle:
             f"understands ({VERSION}); upgrade streamkws"
         )
     meta = json.loads(obj["meta"])
-    model = rebuild(meta)
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        with _quiet_loading():
+            model = rebuild(meta)
+            model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as exc:
         raise StreamKWSError(f"{path}: weights do not match the recorded architecture "
                              f"({str(exc).splitlines()[0]})") from None
     model.eval()
     return Bundle(model, meta, path, hashlib.sha256(data).hexdigest())
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Quantized weights make torch warn that quantized tensors and TypedStorage are
+    deprecated; a user loading a model can do nothing about either."""
+    from streamkws.models.quant import quiet_ao_deprecation
+
+    with quiet_ao_deprecation(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated",
+                                category=UserWarning)
+        yield
 
 
 def rebuild(meta: dict) -> nn.Module:

@@ -21,6 +21,25 @@ log = logging.getLogger("streamkws")
 EXIT_USER_ERROR = 2
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    overrides = Overrides(source=args.source, model=args.model, publish=args.publish,
+                          realtime=args.realtime)
+    cfg = apply_overrides(load_default(args.config), overrides)
+    daemon = Daemon(cfg, config_path=args.config, overrides=overrides,
+                    echo=None if args.quiet else sys.stdout,
+                    wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout)
+    return daemon.run()
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from streamkws.listen import run_listen
+
+    return run_listen(args)
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from streamkws.audio.mic import list_input_devices
 
@@ -112,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    r = sub.add_parser("run", help="the daemon: listen, detect, publish")
+    r.add_argument("--config", metavar="F",
+                   help="TOML config (default: $STREAMKWS_CONFIG, /etc/streamkws/streamkws.toml)")
+    r.add_argument("--source", metavar="S",
+                   help="mic, mic:<index or name>, wav:<path>, - (s16le on stdin), demo")
+    r.add_argument("--model", metavar="M", help="bundle path, or default / default-float")
+    r.add_argument("--publish", metavar="EP", help="ZeroMQ endpoint to bind (tcp:// or ipc://)")
+    pace = r.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                      help="pace file sources like a microphone")
+    pace.add_argument("--fast", dest="realtime", action="store_false",
+                      help="replay files as fast as the CPU allows (audio-time stamps)")
+    r.add_argument("--quiet", action="store_true", help="do not print detections")
+    r.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
+                   help="start the audio only once N subscribers are connected (replays)")
+    r.add_argument("--wait-timeout", type=float, default=30.0, metavar="S",
+                   help="give up waiting for subscribers after S seconds (default 30)")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("listen", help="subscribe and print each message as a JSON line")
+    from streamkws.listen import add_listen_arguments
+
+    add_listen_arguments(ls)
+    ls.set_defaults(func=cmd_listen)
+
     d = sub.add_parser("devices", help="list audio input devices")
     d.add_argument("--json", action="store_true", help="one JSON array on stdout")
     d.set_defaults(func=cmd_devices)
@@ -135,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--unknown-share", type=float, metavar="F",
+                   help="share of each epoch drawn from _unknown_ (default: equal to others)")
+    t.add_argument("--reverse-as-unknown", type=float, default=0.0, metavar="P",
+                   help="play this share of keyword examples backwards as _unknown_")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, metavar="M", help="bundle file to write")

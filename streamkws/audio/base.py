@@ -31,6 +31,8 @@ class AudioSource(abc.ABC):
 
     def __init__(self) -> None:
         self.finished = threading.Event()
+        self.started_wall: float | None = None
+        """Unix time at which the stream's first sample counts as captured."""
         self.error: BaseException | None = None
         self.samples_delivered = 0
 
@@ -73,6 +75,7 @@ class ThreadedSource(AudioSource):
         """The whole stream as chunks, synchronously (for tools and tests)."""
         pos = 0
         t0 = time.monotonic()
+        self.started_wall = time.time()
         for block in self.blocks():
             if self._stop.is_set():
                 return

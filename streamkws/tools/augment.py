@@ -25,6 +25,9 @@ class AugmentConfig:
     snr_db: tuple[float, float] = (0.0, 25.0)
     silence_gain_db: tuple[float, float] = (-40.0, 6.0)
     """Level range of _silence_ examples, from near-silent rooms to loud noise."""
+    reverse_as_unknown: float = 0.0
+    """Share of keyword examples played backwards and relabelled ``_unknown_``: speech with
+    a keyword's sounds that is not the keyword, the hardest negatives the data lacks."""
     time_masks: int = 2
     time_mask_frames: int = 12
     freq_masks: int = 2
@@ -36,7 +39,7 @@ class AugmentConfig:
     @classmethod
     def off(cls) -> AugmentConfig:
         return cls(shift_ms=0, speed_prob=0, gain_db=0, noise_prob=0, time_masks=0,
-                   freq_masks=0, silence_gain_db=(0.0, 0.0))
+                   freq_masks=0, silence_gain_db=(0.0, 0.0), reverse_as_unknown=0.0)
 
 
 def _rms(x: np.ndarray) -> float:

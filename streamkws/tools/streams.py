@@ -58,10 +58,16 @@ def build_stream(
     noise_dbfs: float = -45.0,
     seed: int = 0,
     lead_s: float = 1.0,
+    word_dbfs: float | None = -26.0,
+    word_jitter_db: float = 3.0,
 ) -> tuple[np.ndarray, list[Placed]]:
     """Concatenate ``(word, path)`` clips, trimmed to the word, with random gaps, over a
-    noise bed. ``snr_db`` sets the bed relative to the average speech level; None uses a
-    fixed ``noise_dbfs`` level."""
+    noise bed.
+
+    Each word is brought to ``word_dbfs`` +- ``word_jitter_db`` (RMS of its speech), as a
+    speaker at a fixed distance from a microphone would be; None keeps the recordings'
+    own levels, which in Speech Commands span 30 dB. ``snr_db`` sets the noise bed below
+    the speech level; None uses a fixed ``noise_dbfs``."""
     rng = np.random.default_rng(seed)
     pieces, placed = [], []
     pos = int(lead_s * SR)
@@ -71,7 +77,11 @@ def build_stream(
         a, b = speech_bounds(x)
         pad = int(0.05 * SR)  # keep the soft onset and release around the loud part
         a, b = max(0, a - pad), min(len(x), b + pad)
-        words.append((word, path, x[a:b]))
+        x = x[a:b]
+        if word_dbfs is not None:
+            target = word_dbfs + rng.uniform(-word_jitter_db, word_jitter_db)
+            x = x * (10 ** (target / 20) / (np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-9))
+        words.append((word, path, x.astype(np.float32)))
     for word, path, x in words:
         pieces.append((pos, x))
         placed.append(Placed(word, pos / SR, (pos + len(x)) / SR, str(path)))

@@ -21,6 +21,7 @@ from streamkws.bundle import Bundle, new_bundle
 from streamkws.data import (
     DEFAULT_LABELS,
     SILENCE,
+    UNKNOWN,
     ClipCache,
     Dataset,
     is_speech_commands_download,
@@ -59,6 +60,8 @@ class TrainConfig:
     threads: int = 0
     progress: bool = True
     max_minutes: float | None = None
+    unknown_share: float | None = None
+    """Share of each epoch drawn from ``_unknown_`` (None: the same as every class)."""
 
 
 @dataclass
@@ -124,11 +127,18 @@ def feature_stats(x: np.ndarray, logmel: LogMel) -> tuple[np.ndarray, np.ndarray
     return flat.mean(axis=0), flat.std(axis=0)
 
 
-def balanced_epoch(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One epoch of indices in which every class is drawn equally often."""
+def balanced_epoch(y: np.ndarray, rng: np.random.Generator, unknown: int = -1,
+                   unknown_share: float | None = None) -> np.ndarray:
+    """One epoch of indices in which every class is drawn equally often, except that
+    ``unknown`` may get its own share (rejecting other words needs more of them)."""
     classes = np.unique(y)
     per_class = int(np.ceil(len(y) / len(classes)))
-    idx = [rng.choice(np.flatnonzero(y == c), per_class, replace=per_class > (y == c).sum())
+    counts = {c: per_class for c in classes}
+    if unknown_share is not None and unknown in counts:
+        counts[unknown] = int(round(unknown_share * len(y)))
+        rest = int(np.ceil((len(y) - counts[unknown]) / (len(classes) - 1)))
+        counts.update({c: rest for c in classes if c != unknown})
+    idx = [rng.choice(np.flatnonzero(y == c), counts[c], replace=counts[c] > (y == c).sum())
            for c in classes]
     out = np.concatenate(idx)
     rng.shuffle(out)
@@ -170,6 +180,8 @@ def train(cfg: TrainConfig) -> Bundle:
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     silence_index = labels.index(SILENCE) if SILENCE in labels else -1
+    unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
+    keyword_mask = np.array([lb not in (SILENCE, UNKNOWN) for lb in labels])
     n_frames = cfg.frontend.window_frames
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
@@ -177,17 +189,23 @@ def train(cfg: TrainConfig) -> Bundle:
     bar = _progress(cfg.epochs * steps_per_epoch, cfg.progress)
     for epoch in range(cfg.epochs):
         model.train()
-        order = balanced_epoch(train_s.y, rng)
+        order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
         losses = []
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            wav = augment_waveforms(train_s.x[idx], train_s.y[idx] == silence_index, noise,
+            targets = train_s.y[idx].copy()
+            wav = augment_waveforms(train_s.x[idx], targets == silence_index, noise,
                                     cfg.augment, rng)
+            if cfg.augment.reverse_as_unknown and unknown_index >= 0:
+                share = cfg.augment.reverse_as_unknown
+                flip = keyword_mask[targets] & (rng.random(len(idx)) < share)
+                wav[flip] = wav[flip, ::-1]
+                targets[flip] = unknown_index
             feats = logmel(wav)[:, :n_frames]
             # Masks take the per-bin mean, which the model's normalisation maps to zero.
             feats = spec_augment(feats, cfg.augment, rng, fill=mean.astype(np.float32))
             logits = model(torch.from_numpy(feats))
-            loss = loss_fn(logits, torch.from_numpy(train_s.y[idx]))
+            loss = loss_fn(logits, torch.from_numpy(targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,6 +247,7 @@ def train(cfg: TrainConfig) -> Bundle:
             "lr": cfg.lr,
             "augmentation": cfg.augment.to_dict(),
             "minutes": round((time.monotonic() - t_start) / 60, 2),
+            "unknown_share": cfg.unknown_share,
             "history": history,
         },
         "metrics": {"validation": _short_metrics(val_metrics)},
@@ -258,7 +277,8 @@ def _progress(total: int, enabled: bool):
 
 
 def config_from_args(args) -> TrainConfig:
-    aug = AugmentConfig() if not args.no_augment else AugmentConfig.off()
+    aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown) if not args.no_augment \
+        else AugmentConfig.off()
     kwargs = {}
     for kv in args.arch_arg or []:
         if "=" not in kv:
@@ -273,6 +293,7 @@ def config_from_args(args) -> TrainConfig:
         val_fraction=args.val_fraction, seed=args.seed,
         name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
         progress=not args.quiet, max_minutes=args.max_minutes,
+        unknown_share=args.unknown_share,
     )
 
 

@@ -1,0 +1,283 @@
+"""``streamkws run``: the always-on daemon.
+
+Two threads: the source's capture context writes the ring buffer and nothing else; the
+processing thread (this module's loop, on the main thread so it also receives signals)
+drains the ring through :class:`Pipeline` and publishes. When inference falls behind a
+live source, whole windows are skipped and counted; the ring keeps every sample, so audio
+time and the front end's state stay exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from streamkws import SAMPLE_RATE
+from streamkws.audio.chunk import Chunk
+from streamkws.audio.ring import RingBuffer
+from streamkws.audio.sources import open_source
+from streamkws.bundle import Bundle, load_bundle
+from streamkws.config import Config, load_default
+from streamkws.detect import Detection, Smoother
+from streamkws.errors import StreamKWSError
+from streamkws.frontend import FrontEnd
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Front end -> VAD gate -> model -> smoother, for one stream; no threads, no I/O.
+
+    ``process`` takes a chunk and returns the detections it completes. ``lag`` (samples
+    the stream is ahead of a window) lets the caller skip inference when it falls behind.
+    """
+
+    def __init__(self, cfg: Config, bundle: Bundle) -> None:
+        bundle.check_frontend(cfg.frontend)
+        self.cfg = cfg
+        self.bundle = bundle
+        self.frontend = FrontEnd(cfg.frontend, cfg.vad, cfg.windows.hop_frames(cfg.frontend))
+        self.smoother = Smoother(bundle.labels, cfg.detect)
+        self.max_lag = int(cfg.model.max_lag_ms * SAMPLE_RATE / 1000)
+        self.inferences = 0
+        self.dropped_windows = 0
+        self.samples = 0
+
+    def process(self, chunk: Chunk, newest: int | None = None) -> list[Detection]:
+        """Feed a chunk; ``newest`` is the stream position captured so far (for dropping)."""
+        self.samples += len(chunk.samples)
+        out = []
+        for gw in self.frontend.process(chunk):
+            w = gw.window
+            probs = None
+            if gw.open:
+                if newest is not None and newest - w.end > self.max_lag:
+                    self.dropped_windows += 1
+                else:
+                    probs = self.bundle.predict(w.features)
+                    self.inferences += 1
+            det = self.smoother.push(probs, w.start, w.end)
+            if det is not None:
+                out.append(self._locate(det))
+        return out
+
+    def _locate(self, det: Detection) -> Detection:
+        """Tighten the window-intersection estimate to the speech the VAD heard in it."""
+        span = self.frontend.gate.speech_span(det.start, det.end)
+        if span is None:
+            return det
+        return Detection(det.keyword, det.score, span[0], span[1], det.emit)
+
+    @property
+    def windows(self) -> int:
+        return self.frontend.windows
+
+    @property
+    def vad_active_ratio(self) -> float:
+        return self.frontend.windows_open / max(1, self.frontend.windows)
+
+
+@dataclass
+class Overrides:
+    """Command-line values that win over the config file."""
+
+    source: str | None = None
+    model: str | None = None
+    publish: str | None = None
+    realtime: bool | None = None
+
+
+def apply_overrides(cfg: Config, o: Overrides) -> Config:
+    import dataclasses
+
+    audio, model, publish = cfg.audio, cfg.model, cfg.publish
+    if o.source is not None:
+        audio = dataclasses.replace(audio, source=o.source)
+    if o.realtime is not None:
+        audio = dataclasses.replace(audio, realtime=o.realtime)
+    if o.model is not None:
+        model = dataclasses.replace(model, name=o.model)
+    if o.publish is not None:
+        publish = dataclasses.replace(publish, endpoint=o.publish)
+    return cfg.replace(audio=audio, model=model, publish=publish)
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | Path | None = None,
+        overrides: Overrides | None = None,
+        echo: TextIO | None = sys.stdout,
+        wait_subscribers: int = 0,
+        wait_timeout: float = 30.0,
+    ) -> None:
+        from streamkws.publish import Publisher
+        from streamkws.sdnotify import Notifier
+
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides or Overrides()
+        self.echo = echo
+        self.wait_subscribers = wait_subscribers
+        self.wait_timeout = wait_timeout
+        torch.set_num_threads(cfg.model.threads)
+        self.bundle = load_bundle(cfg.model.name)
+        self.pipeline = Pipeline(cfg, self.bundle)
+        self.source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+        self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
+        self.publisher = Publisher(cfg.publish)
+        self.notifier = Notifier.from_env()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.detections = 0
+        self.started = time.monotonic()
+        # Live sources (microphones, paced replay) must keep up; a fast replay waits for
+        # us instead, so nothing is ever dropped there.
+        self.live = not self.source.blocks_on_full_ring or getattr(self.source, "realtime",
+                                                                   False)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def reload(self) -> bool:
+        """Re-read the config and model; on any error keep running the old ones."""
+        self.notifier.reloading()
+        try:
+            new = apply_overrides(load_default(self.config_path), self.overrides)
+            bundle = load_bundle(new.model.name)
+            pipeline = Pipeline(new, bundle)
+        except StreamKWSError as exc:
+            log.error("reload rejected, still running the previous configuration: %s", exc)
+            self.notifier.ready("reload rejected: " + str(exc)[:200])
+            return False
+        for section in ("audio", "publish"):
+            if getattr(new, section) != getattr(self.cfg, section):
+                log.warning("[%s] changes take effect only after a restart", section)
+        # Counters carry over so status stays monotonic across reloads.
+        pipeline.inferences = self.pipeline.inferences
+        pipeline.dropped_windows = self.pipeline.dropped_windows
+        pipeline.samples = self.pipeline.samples
+        pipeline.frontend.resume_at(self.pipeline.frontend.position)
+        torch.set_num_threads(new.model.threads)
+        self.cfg, self.bundle, self.pipeline = new, bundle, pipeline
+        log.info("reloaded configuration; model %s (%s)", bundle.name, bundle.sha256[:12])
+        self.notifier.ready(self._status_line())
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        sink_block = self.source.blocks_on_full_ring
+
+        def sink(chunk: Chunk) -> None:
+            self.ring.write(chunk, block=sink_block, stop=self._stop)
+
+        if self.wait_subscribers and not self.publisher.wait_for_subscribers(
+                self.wait_subscribers, self.wait_timeout):
+            log.warning("only %d of %d subscribers after %.0f s; starting anyway",
+                        self.publisher.subscriptions, self.wait_subscribers, self.wait_timeout)
+        self.source.start(sink)
+        log.info("listening on %s with model %s; publishing on %s", self.source.name,
+                 self.bundle.name, self.publisher.endpoint)
+        self.notifier.ready(self._status_line())
+        self._publish_status()
+        next_status = time.monotonic() + self.cfg.publish.status_interval_s
+        watchdog = self._watchdog_pacer()
+        hop = self.cfg.windows.hop_ms * SAMPLE_RATE // 1000
+        rc = 0
+        while not self._stop.is_set():
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            chunk = self.ring.read(max_samples=hop, timeout=0.05)
+            if chunk is not None:
+                newest = self.ring.write_position if self.live else None
+                for det in self.pipeline.process(chunk, newest):
+                    self._publish_detection(det)
+            elif self.source.finished.is_set() and self.ring.available == 0:
+                if self.source.error is not None:
+                    log.error("audio source stopped: %s", self.source.error)
+                    rc = 1
+                break
+            now = time.monotonic()
+            if now >= next_status:
+                self._publish_status()
+                next_status = now + self.cfg.publish.status_interval_s
+            if watchdog is not None and watchdog.due(now):
+                self.notifier.watchdog()
+        self.notifier.stopping()
+        self.source.stop()
+        self._publish_status(final=True)
+        self.publisher.close()
+        return rc
+
+    def _watchdog_pacer(self):
+        from streamkws.sdnotify import WatchdogPacer
+
+        interval = self.notifier.watchdog_interval()
+        return WatchdogPacer(interval) if interval else None
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def _publish_detection(self, det: Detection) -> None:
+        from streamkws.publish import detection_message
+
+        msg = detection_message(
+            keyword=det.keyword, score=det.score, t_start=det.start / SAMPLE_RATE,
+            t_end=det.end / SAMPLE_RATE, t_emit=det.emit / SAMPLE_RATE,
+            source=self.source.name, model=self.bundle.name, model_sha256=self.bundle.sha256,
+        )
+        self.publisher.publish("detection", msg)
+        self.detections += 1
+        if self.echo is not None:
+            self.echo.write(json.dumps(msg) + "\n")
+            self.echo.flush()
+
+    def counters(self) -> dict:
+        p = self.pipeline
+        return {
+            "uptime": round(time.monotonic() - self.started, 3),
+            "audio_seconds": round(p.samples / SAMPLE_RATE, 3),
+            "inferences": p.inferences,
+            "vad_active_ratio": round(p.vad_active_ratio, 4),
+            "overruns": self.ring.overruns,
+            "dropped_windows": p.dropped_windows,
+            "detections": self.detections,
+        }
+
+    def _publish_status(self, final: bool = False) -> None:
+        from streamkws.publish import status_message
+
+        c = self.counters()
+        if final:
+            c["final"] = True
+        self.publisher.publish("status", status_message(**c))
+        self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        c = self.counters()
+        return (f"{self.source.name}: {c['audio_seconds']:.0f} s audio, "
+                f"{c['detections']} detections, {c['dropped_windows']} dropped windows")

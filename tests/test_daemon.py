@@ -1,0 +1,161 @@
+"""The daemon's lifecycle: start-up errors, signals, reload, and the systemd protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Subscriber, free_port
+
+
+class NotifySocket:
+    """The socket systemd would listen on, so the test sees what the daemon reports."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.seen: list[tuple[float, str]] = []
+
+    def wait_for(self, field: str, timeout: float = 20.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, msg in self.seen:
+                if field in msg.split("\n"):
+                    return t
+            with contextlib.suppress(TimeoutError):
+                self.seen.append((time.monotonic(), self.sock.recv(4096).decode()))
+        raise AssertionError(f"no {field} in {[m for _, m in self.seen]}")
+
+    def messages(self) -> list[str]:
+        self.sock.settimeout(0.05)
+        try:
+            while True:
+                self.seen.append((time.monotonic(), self.sock.recv(4096).decode()))
+        except TimeoutError:
+            pass
+        return [m for _, m in self.seen]
+
+
+def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=60)
+    sub.start()
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(watchdog_usec),
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    import os
+
+    env = {**os.environ, **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamkws", "-v", "run", "--publish", endpoint, "--quiet",
+         "--wait-subscribers", "1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return proc, sub, notify
+
+
+def test_sigterm_stops_within_two_seconds_with_a_final_status(tmp_path):
+    proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime")
+    notify.wait_for("READY=1")
+    notify.wait_for("WATCHDOG=1", timeout=5)
+    time.sleep(1.0)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    assert time.monotonic() - t < 2.0
+    assert proc.returncode == 0
+    sub.join(5)
+    last = sub.messages[-1][1]
+    assert last["type"] == "status" and last["final"] is True
+    assert 0.5 < last["audio_seconds"] < 10
+    assert any("STOPPING=1" in m for m in notify.messages())
+
+
+def test_watchdog_is_petted_at_half_the_timeout(tmp_path):
+    proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime",
+                              watchdog_usec=400_000)
+    notify.wait_for("READY=1")
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    pets = [t for t, m in notify.seen if "WATCHDOG=1" in m.split("\n")]
+    notify.messages()
+    pets = [t for t, m in notify.seen if "WATCHDOG=1" in m.split("\n")]
+    assert len(pets) >= 6  # every 0.2 s over 2 s
+    gaps = [b - a for a, b in zip(pets, pets[1:], strict=False)]
+    assert max(gaps) < 0.4
+
+
+def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
+    cfg = tmp_path / "streamkws.toml"
+    cfg.write_text("[detect]\nthreshold = 0.75\n")
+    proc, sub, notify = start(tmp_path, "--config", str(cfg), "--source", "demo",
+                              "--realtime")
+    notify.wait_for("READY=1")
+    time.sleep(1.0)
+    cfg.write_text('[detect]\nthreshold = 0.8\n[model]\nname = "default-float"\n')
+    proc.send_signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    time.sleep(1.0)
+    cfg.write_text("[detect]\nthreshold = 7\n")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert proc.poll() is None, "a broken config must not stop the daemon"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "reloaded configuration; model default-float" in err
+    assert "reload rejected" in err and "detect.threshold" in err
+    sub.join(5)
+    statuses = [m for t, m, _ in sub.messages if t == "status"]
+    # Capture never stopped: audio time only grows, and the last status is final.
+    audio = [s["audio_seconds"] for s in statuses]
+    assert audio == sorted(audio) and statuses[-1]["final"] is True
+    assert statuses[-1]["audio_seconds"] > 3.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "wav:/nonexistent.wav"], "/nonexistent.wav: cannot open"),
+        (["--source", "bogus"], "unknown audio source 'bogus'"),
+        (["--model", "/nonexistent.skw"], "no such model bundle"),
+        (["--publish", "udp://x"], "publish.endpoint"),
+    ],
+)
+def test_start_up_errors_are_one_line_without_traceback(args, message):
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--quiet", "--fast",
+                        "--publish", f"tcp://127.0.0.1:{free_port()}", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_bad_config_key_is_named(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[vad]\naggressiveness = 9\n")
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "vad.aggressiveness" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_prints_detections_as_json_lines(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--source", "demo", "--fast",
+                        "--publish", f"tcp://127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    found = [json.loads(line)["keyword"] for line in r.stdout.splitlines()]
+    # demo.csv lists the ten keywords; a newcomer should see nearly all of them.
+    assert len(set(found)) >= 8, found

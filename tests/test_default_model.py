@@ -1,0 +1,54 @@
+"""The models shipped in the package: what every user meets first."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamkws.bundle import BUNDLED_DIR, load_bundle
+from streamkws.cli import main
+from streamkws.data import DEFAULT_LABELS
+from streamkws.features import FrontEndConfig
+
+
+def test_default_is_int8_small_and_has_the_twelve_classes():
+    b = load_bundle("default")
+    assert b.labels == list(DEFAULT_LABELS)
+    assert b.quantization == "dynamic"
+    assert any("quantized" in type(m).__module__ for m in b.model.modules())
+    assert (BUNDLED_DIR / "default.skw").stat().st_size <= 300 * 1024
+    assert b.frontend == FrontEndConfig()
+
+
+def test_default_float_is_the_same_network_unquantized():
+    f, q = load_bundle("default-float"), load_bundle("default")
+    assert f.quantization == "none" and f.meta["arch"] == q.meta["arch"]
+    x = np.random.default_rng(0).normal(-6, 2, size=(8, 98, 40)).astype(np.float32)
+    assert np.abs(f.predict(x) - q.predict(x)).max() < 0.05
+
+
+def test_the_model_card_states_the_validation_figures():
+    card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
+    acc = load_bundle("default").meta["metrics"]["validation"]["accuracy"]
+    assert f"{acc:.4f}" in card and "CC BY 4.0" in card
+
+
+def test_evaluate_default_on_the_real_test_layout(speech_dir, capsys):
+    assert main(["evaluate", "--model", "default", "--data", str(speech_dir), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["n"] == 3624 and m["labels"] == list(DEFAULT_LABELS)
+    # Most of these clips were trained on; far below this would mean a broken bundle.
+    assert m["accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("word", ["yes", "stop", "left"])
+def test_held_out_speakers_are_recognised(speech_dir, word):
+    """Clips of speakers in the model's validation split, never trained on."""
+    from streamkws.data import load_dataset, speaker_split
+    from streamkws.tools.predict import predict_files
+
+    _, val = speaker_split(load_dataset(speech_dir), 0.15, 0)
+    paths = [it.path for it in val.items if it.label == word][:10]
+    preds, errors = predict_files(load_bundle("default"), paths)
+    assert not errors
+    assert sum(p.label == word for p in preds) >= 7
