@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.e2e import Subscriber, free_port, heldout_stream, score
+from streamkws.tools.streams import heldout_stream, score
+from tests.e2e import Subscriber, free_port
 
 pytest_plugins = ["pulse"]
 

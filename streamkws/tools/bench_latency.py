@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import threading
 import time
@@ -36,20 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.e2e import free_port, heldout_stream, score
+    from streamkws.tools.streams import heldout_stream, score
 
     with tempfile.TemporaryDirectory() as tmp:
         wav, truth = heldout_stream(args.data, Path(tmp) / "s.wav",
                                     n_per_keyword=args.keywords_per_word, n_unknown=10, seed=11)
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        endpoint = "tcp://127.0.0.1:*"
         cfg = apply_overrides(Config(), Overrides(source=f"wav:{wav}", model=args.model,
                                                   publish=endpoint, realtime=True))
         daemon = Daemon(cfg, echo=None, wait_subscribers=1)
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"detection")
         sub.setsockopt(zmq.SUBSCRIBE, b"status")
-        sub.connect(endpoint)
+        sub.connect(daemon.publisher.endpoint)
         received: list[tuple[dict, float]] = []
         done = threading.Event()
 
