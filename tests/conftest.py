@@ -72,3 +72,31 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, channels: int 
         w.setframerate(rate)
         w.writeframes(raw)
     return path
+
+
+# -- a tiny trained model, for tests of everything that takes a bundle ---------------------
+
+WORDS = ["yes", "no", "_silence_", "_unknown_"]
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, speech_dir):
+    """Real clips of four labels from 24 speakers per label, symlinked into a folder tree."""
+    root = tmp_path_factory.mktemp("small")
+    for label in WORDS:
+        (root / label).mkdir()
+        for p in sorted((speech_dir / label).glob("*.wav"))[:24]:
+            (root / label / p.name).symlink_to(p)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, small_data, data_dir):
+    out = tmp_path_factory.mktemp("model") / "tiny.skw"
+    from streamkws.tools.train import TrainConfig, train
+
+    cfg = TrainConfig(data=[small_data], out=out, arch="dscnn",
+                      arch_kwargs={"channels": 16, "blocks": 1}, noise=data_dir / "noise",
+                      epochs=3, batch_size=32, val_fraction=0.3, seed=1, progress=False,
+                      threads=1, labels=("yes", "no", "_unknown_", "_silence_"))
+    return train(cfg)

@@ -14,29 +14,6 @@ from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig
 from streamkws.tools.train import TrainConfig, train
 
-WORDS = ["yes", "no", "_silence_", "_unknown_"]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, speech_dir):
-    """Real clips of four labels from 24 speakers per label, symlinked into a folder tree."""
-    root = tmp_path_factory.mktemp("small")
-    for label in WORDS:
-        (root / label).mkdir()
-        for p in sorted((speech_dir / label).glob("*.wav"))[:24]:
-            (root / label / p.name).symlink_to(p)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, small_data, data_dir):
-    out = tmp_path_factory.mktemp("model") / "tiny.skw"
-    cfg = TrainConfig(data=[small_data], out=out, arch="dscnn",
-                      arch_kwargs={"channels": 16, "blocks": 1}, noise=data_dir / "noise",
-                      epochs=3, batch_size=32, val_fraction=0.3, seed=1, progress=False,
-                      threads=1, labels=("yes", "no", "_unknown_", "_silence_"))
-    return train(cfg)
-
 
 def test_training_writes_a_loadable_bundle_with_its_metadata(tiny_bundle):
     b = load_bundle(tiny_bundle.path)
