@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_arguments(ls)
     ls.set_defaults(func=cmd_listen)
 
+    from streamkws.tools import quantize as quantize_tool
+
+    q = sub.add_parser("quantize", help="post-training quantization of a bundle")
+    quantize_tool.add_arguments(q)
+    q.set_defaults(func=quantize_tool.run)
+
     d = sub.add_parser("devices", help="list audio input devices")
     d.add_argument("--json", action="store_true", help="one JSON array on stdout")
     d.set_defaults(func=cmd_devices)
