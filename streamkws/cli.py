@@ -7,6 +7,7 @@ non-zero exit; only bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -67,6 +68,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     for d in cfg.data + cfg.extra:
         if not d.is_dir():
             raise StreamKWSError(f"{d}: data folder not found")
+    if args.init or args.quant_solution:
+        if not (args.init and args.quant_solution):
+            raise StreamKWSError("--init and --quant-solution go together "
+                                 "(quantization-aware fine-tuning of an existing bundle)")
+        from streamkws.bundle import load_bundle
+        from streamkws.tools.sweep import load_solution, qat_finetune
+
+        # Fine-tuning starts from trained weights: a tenth of the from-scratch rate.
+        lr = args.lr if args.lr is not None else 3e-4
+        bundle = qat_finetune(load_bundle(args.init), load_solution(args.quant_solution),
+                              cfg.data, cfg.epochs, out=cfg.out, lr=lr, config=cfg)
+        print(json.dumps({"model": str(cfg.out), "sha256": bundle.sha256,
+                          "metrics": bundle.meta.get("metrics", {})}))
+        return 0
     bundle = train(cfg)
     print(json.dumps(describe(bundle)))
     return 0
@@ -77,7 +92,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamkws.tools.evaluate import evaluate, format_report, plot_confusion
 
     bundle = load_bundle(args.model)
-    m = evaluate(bundle, args.data, progress=not args.json)
+    if args.quant_solution or bundle.meta.get("fixed_point"):
+        from streamkws.tools.sweep import evaluate_with_solution, load_solution
+
+        solution = load_solution(args.quant_solution) if args.quant_solution else None
+        m = evaluate_with_solution(bundle, args.data, solution, progress=not args.json)
+    else:
+        m = evaluate(bundle, args.data, progress=not args.json)
     if args.plot:
         plot_confusion(m, args.plot)
     if args.json:
@@ -125,7 +146,45 @@ def cmd_audit_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+TOOLS = {
+    "quantize": ("streamkws.tools.quantize",
+                 "post-training quantization (dynamic, static, mixed, fp16) or --sweep"),
+    "prune": ("streamkws.tools.prune", "fine- or coarse-grained pruning of a bundle"),
+    "profile": ("streamkws.tools.profile", "parameters, MACs, sizes, latency; --compare"),
+    "export": ("streamkws.tools.export", "TorchScript or ONNX file, checked against the bundle"),
+}
+
+
+def _setup_tool(p: argparse.ArgumentParser, module) -> None:
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+
+
+def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
+    from streamkws.tools import sweep
+
+    module.add_arguments(p)
+    sweep.add_sweep_arguments(p)
+    p.add_argument("--sweep", action="store_true",
+                   help="simulated fixed-point bit-width sweep instead of quantizing")
+    for action in p._actions:
+        if action.dest == "out":
+            action.required = False  # a sweep writes a YAML solution, not a bundle
+
+    def run(args: argparse.Namespace) -> int:
+        if args.sweep:
+            return sweep.run_sweep(args)
+        if not args.out:
+            raise StreamKWSError("--out is required (the quantized bundle to write)")
+        return module.run(args)
+
+    p.set_defaults(func=run)
+
+
+TOOL_SETUP = {"quantize": _setup_quantize}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"streamkws {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -156,11 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_arguments(ls)
     ls.set_defaults(func=cmd_listen)
 
-    from streamkws.tools import quantize as quantize_tool
-
-    q = sub.add_parser("quantize", help="post-training quantization of a bundle")
-    quantize_tool.add_arguments(q)
-    q.set_defaults(func=quantize_tool.run)
+    # The optimisation tools import heavy modules; only the one being run is loaded, so
+    # `streamkws listen` or `devices` start at once.
+    requested = next((a for a in argv or sys.argv[1:] if not a.startswith("-")), None)
+    for name, (module, help_text) in TOOLS.items():
+        tp = sub.add_parser(name, help=help_text)
+        if name == requested:
+            TOOL_SETUP.get(name, _setup_tool)(tp, importlib.import_module(module))
 
     d = sub.add_parser("devices", help="list audio input devices")
     d.add_argument("--json", action="store_true", help="one JSON array on stdout")
@@ -177,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture option, e.g. scale=2 (repeatable)")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 3e-3; 3e-4 with --init)")
+    t.add_argument("--init", metavar="M", help="start from this bundle (with --quant-solution)")
+    t.add_argument("--quant-solution", metavar="S",
+                   help="fixed-point solution (YAML from quantize --sweep): quantization-aware "
+                        "fine-tuning, forward in fixed point, backward in float")
     t.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     t.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of speakers held out for validation")
@@ -199,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="DIR")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
     e.add_argument("--plot", metavar="PNG", help="write the confusion matrix as a picture")
+    e.add_argument("--quant-solution", metavar="S",
+                   help="evaluate in simulated fixed point (YAML from quantize --sweep)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="label and confidence per audio file")
@@ -218,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
