@@ -96,12 +96,12 @@ def test_watchdog_is_petted_at_half_the_timeout(tmp_path):
 
 def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
     cfg = tmp_path / "streamkws.toml"
-    cfg.write_text("[detect]\nthreshold = 0.75\n")
+    cfg.write_text("[detect]\nthreshold = 0.8\n")
     proc, sub, notify = start(tmp_path, "--config", str(cfg), "--source", "demo",
                               "--realtime")
     notify.wait_for("READY=1")
     time.sleep(1.0)
-    cfg.write_text('[detect]\nthreshold = 0.8\n[model]\nname = "default-float"\n')
+    cfg.write_text('[detect]\nthreshold = 0.85\n[model]\nname = "default-float"\n')
     proc.send_signal(signal.SIGHUP)
     notify.wait_for("RELOADING=1")
     time.sleep(1.0)
