@@ -761,12 +761,11 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     ``meta["fixed_point"]``, its activation ranges unchanged and its weight fractional
     lengths and accuracies updated; its float weights are what the daemon runs.
     """
-    from streamkws.data import SILENCE, UNKNOWN
-    from streamkws.tools.augment import spec_augment
+    from streamkws.data import UNKNOWN
     from streamkws.tools.evaluate import metrics_from_predictions
     from streamkws.tools.train import (
+        BatchMaker,
         TrainConfig,
-        augment_waveforms,
         balanced_epoch,
         evaluate_arrays,
         prepare_data,
@@ -813,9 +812,8 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     sim.set_bits(sol["conv_bits"], sol["fc_bits"], sol["act_bits"], act_fl)
 
     labels = list(cfg.labels)
-    silence_index = labels.index(SILENCE) if SILENCE in labels else -1
+    make_batch = BatchMaker(train_s, labels, noise, cfg.augment, logmel, mean)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
-    keyword_mask = np.array([lb not in (SILENCE, UNKNOWN) for lb in labels])
     steps = int(np.ceil(len(train_s.y) / cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
@@ -833,16 +831,8 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
         losses = []
         for b in range(steps):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            targets = train_s.y[idx].copy()
-            wav = augment_waveforms(train_s.x[idx], targets == silence_index, noise,
-                                    cfg.augment, rng)
-            if cfg.augment.reverse_as_unknown and unknown_index >= 0:
-                flip = keyword_mask[targets] & (rng.random(len(idx))
-                                                < cfg.augment.reverse_as_unknown)
-                wav[flip] = wav[flip, ::-1]
-                targets[flip] = unknown_index
-            feats = spec_augment(logmel(wav)[:, :n_frames], cfg.augment, rng, fill=mean)
-            loss = loss_fn(sim(torch.from_numpy(feats)), torch.from_numpy(targets))
+            feats, targets = make_batch(idx, rng)
+            loss = loss_fn(sim(feats), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -155,6 +155,37 @@ def evaluate_arrays(model: nn.Module, feats: np.ndarray, batch: int = 512) -> np
     return np.concatenate(out)
 
 
+class BatchMaker:
+    """Clip indices in, an augmented feature batch and its targets out.
+
+    The one recipe for every loop that trains a network (training, pruning fine-tunes,
+    quantization-aware fine-tuning), so they all see the same augmentation.
+    """
+
+    def __init__(self, split: Split, labels: list[str], noise: list[np.ndarray],
+                 augment: AugmentConfig, logmel: LogMel, mean: np.ndarray) -> None:
+        self.split, self.noise, self.augment, self.logmel = split, noise, augment, logmel
+        # Masks take the per-bin mean, which the model's normalisation maps to zero.
+        self.fill = np.asarray(mean, dtype=np.float32)
+        self.n_frames = logmel.config.window_frames
+        self.silence = labels.index(SILENCE) if SILENCE in labels else -1
+        self.unknown = labels.index(UNKNOWN) if UNKNOWN in labels else -1
+        self.keyword = np.array([lb not in (SILENCE, UNKNOWN) for lb in labels])
+
+    def __call__(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+        targets = self.split.y[idx].copy()
+        wav = augment_waveforms(self.split.x[idx], targets == self.silence, self.noise,
+                                self.augment, rng)
+        if self.augment.reverse_as_unknown and self.unknown >= 0:
+            flip = self.keyword[targets] & (rng.random(len(idx)) < self.augment.reverse_as_unknown)
+            wav[flip] = wav[flip, ::-1]
+            targets[flip] = self.unknown
+        feats = spec_augment(self.logmel(wav)[:, : self.n_frames], self.augment, rng,
+                             fill=self.fill)
+        return torch.from_numpy(feats), torch.from_numpy(targets)
+
+
 def train(cfg: TrainConfig) -> Bundle:
     """Train, keep the best model by validation accuracy, write it to ``cfg.out``."""
     from streamkws.models import build_model
@@ -179,9 +210,8 @@ def train(cfg: TrainConfig) -> Bundle:
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    silence_index = labels.index(SILENCE) if SILENCE in labels else -1
+    make_batch = BatchMaker(train_s, labels, noise, cfg.augment, logmel, mean)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
-    keyword_mask = np.array([lb not in (SILENCE, UNKNOWN) for lb in labels])
     n_frames = cfg.frontend.window_frames
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
@@ -193,19 +223,9 @@ def train(cfg: TrainConfig) -> Bundle:
         losses = []
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            targets = train_s.y[idx].copy()
-            wav = augment_waveforms(train_s.x[idx], targets == silence_index, noise,
-                                    cfg.augment, rng)
-            if cfg.augment.reverse_as_unknown and unknown_index >= 0:
-                share = cfg.augment.reverse_as_unknown
-                flip = keyword_mask[targets] & (rng.random(len(idx)) < share)
-                wav[flip] = wav[flip, ::-1]
-                targets[flip] = unknown_index
-            feats = logmel(wav)[:, :n_frames]
-            # Masks take the per-bin mean, which the model's normalisation maps to zero.
-            feats = spec_augment(feats, cfg.augment, rng, fill=mean.astype(np.float32))
-            logits = model(torch.from_numpy(feats))
-            loss = loss_fn(logits, torch.from_numpy(targets))
+            feats, targets = make_batch(idx, rng)
+            logits = model(feats)
+            loss = loss_fn(logits, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
