@@ -38,6 +38,9 @@ class TutorialCNN(KWSNet):
     The flattening FC ties the model to exactly ``n_frames`` frames and holds almost all
     of its parameters (about 1.0 M for 98 x 40), which is why dynamic quantization of
     ``nn.Linear`` shrinks this model about fourfold.
+
+    ``conv1_channels`` and ``conv2_channels`` (32 and 8 above) and ``hidden`` set the three
+    widths; structured pruning records its result through them.
     """
 
     fixed_frames = True
@@ -49,25 +52,29 @@ class TutorialCNN(KWSNet):
         n_mels: int = 40,
         hidden: int = 128,
         dropout: float = 0.5,
+        conv1_channels: int = 32,
+        conv2_channels: int = 8,
     ) -> None:
         super().__init__(n_classes, n_frames, n_mels)
         check_int("hidden", hidden)
         check_float("dropout", dropout, 0.0, 0.95)
+        c1 = check_int("conv1_channels", conv1_channels)
+        c2 = check_int("conv2_channels", conv2_channels)
         # The max-pool halves both axes; a single frame or bin would leave nothing to flatten.
         check_int("n_frames", n_frames, 2)
         check_int("n_mels", n_mels, 2)
         self.features = nn.Sequential(
             _same_pad((8, 20)),
-            nn.Conv2d(1, 32, (8, 20), bias=False),
-            nn.BatchNorm2d(32),
+            nn.Conv2d(1, c1, (8, 20), bias=False),
+            nn.BatchNorm2d(c1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             _same_pad((4, 10)),
-            nn.Conv2d(32, 8, (4, 10), bias=False),
-            nn.BatchNorm2d(8),
+            nn.Conv2d(c1, c2, (4, 10), bias=False),
+            nn.BatchNorm2d(c2),
             nn.ReLU(inplace=True),
         )
-        flat = 8 * (n_frames // 2) * (n_mels // 2)
+        flat = c2 * (n_frames // 2) * (n_mels // 2)
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(flat, hidden),
