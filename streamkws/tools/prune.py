@@ -46,7 +46,6 @@ from torch.nn.utils import prune as tprune
 
 from streamkws.bundle import Bundle, KWSModel, load_bundle
 from streamkws.data import (
-    SILENCE,
     UNKNOWN,
     ClipCache,
     Dataset,
@@ -744,8 +743,8 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
     Magnitude masks stay attached meanwhile (``weight = weight_orig * mask``), so pruned
     weights remain exactly zero whatever the optimiser does.
     """
-    from streamkws.tools.augment import AugmentConfig, augment_waveforms, spec_augment
-    from streamkws.tools.train import balanced_epoch
+    from streamkws.tools.augment import AugmentConfig
+    from streamkws.tools.train import BatchMaker, balanced_epoch
 
     if len(data.train_y) == 0:
         raise StreamKWSError(f"{cfg.data}: no training clips to fine-tune on")
@@ -756,11 +755,8 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
     labels = bundle.labels
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    logmel = LogMel(bundle.frontend)
-    n_frames = bundle.frontend.window_frames
-    aug = AugmentConfig()
-    fill = model.mean.numpy().astype(np.float32)
-    silence = labels.index(SILENCE) if SILENCE in labels else -1
+    make_batch = BatchMaker(data.train_x, data.train_y, labels, data.noise, AugmentConfig(),
+                            LogMel(bundle.frontend), model.mean.numpy())
     unknown = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     steps = int(np.ceil(len(data.train_y) / cfg.batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -776,10 +772,8 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
         losses = []
         for b in range(steps):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            y = data.train_y[idx]
-            wav = augment_waveforms(data.train_x[idx], y == silence, data.noise, aug, rng)
-            feats = spec_augment(logmel(wav)[:, :n_frames], aug, rng, fill=fill)
-            loss = loss_fn(model(torch.from_numpy(feats)), torch.from_numpy(y))
+            feats, y = make_batch(idx, rng)
+            loss = loss_fn(model(feats), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

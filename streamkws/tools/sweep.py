@@ -812,7 +812,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     sim.set_bits(sol["conv_bits"], sol["fc_bits"], sol["act_bits"], act_fl)
 
     labels = list(cfg.labels)
-    make_batch = BatchMaker(train_s, labels, noise, cfg.augment, logmel, mean)
+    make_batch = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment, logmel, mean)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     steps = int(np.ceil(len(train_s.y) / cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -162,9 +162,10 @@ class BatchMaker:
     quantization-aware fine-tuning), so they all see the same augmentation.
     """
 
-    def __init__(self, split: Split, labels: list[str], noise: list[np.ndarray],
-                 augment: AugmentConfig, logmel: LogMel, mean: np.ndarray) -> None:
-        self.split, self.noise, self.augment, self.logmel = split, noise, augment, logmel
+    def __init__(self, x: np.ndarray, y: np.ndarray, labels: list[str],
+                 noise: list[np.ndarray], augment: AugmentConfig, logmel: LogMel,
+                 mean: np.ndarray) -> None:
+        self.x, self.y, self.noise, self.augment, self.logmel = x, y, noise, augment, logmel
         # Masks take the per-bin mean, which the model's normalisation maps to zero.
         self.fill = np.asarray(mean, dtype=np.float32)
         self.n_frames = logmel.config.window_frames
@@ -174,8 +175,8 @@ class BatchMaker:
 
     def __call__(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor,
                                                                              torch.Tensor]:
-        targets = self.split.y[idx].copy()
-        wav = augment_waveforms(self.split.x[idx], targets == self.silence, self.noise,
+        targets = self.y[idx].copy()
+        wav = augment_waveforms(self.x[idx], targets == self.silence, self.noise,
                                 self.augment, rng)
         if self.augment.reverse_as_unknown and self.unknown >= 0:
             flip = self.keyword[targets] & (rng.random(len(idx)) < self.augment.reverse_as_unknown)
@@ -210,7 +211,7 @@ def train(cfg: TrainConfig) -> Bundle:
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    make_batch = BatchMaker(train_s, labels, noise, cfg.augment, logmel, mean)
+    make_batch = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment, logmel, mean)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     n_frames = cfg.frontend.window_frames
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
