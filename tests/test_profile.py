@@ -172,3 +172,30 @@ def test_compare_without_data_has_no_accuracy(tiny_bundle: Bundle) -> None:
 def test_too_few_runs_is_a_user_error(tiny_bundle: Bundle) -> None:
     with pytest.raises(StreamKWSError, match="at least 200"):
         profile.run(parse(["--model", str(tiny_bundle.path), "--runs", "50"]))
+
+
+
+def test_latency_is_timed_before_any_hook_or_warning_filter_touches_the_model(tiny_bundle,
+                                                                              monkeypatch):
+    """Timing after the MAC-counting hooks, or inside warnings.catch_warnings, measured a
+    quantized model ~75 % slower than the daemon runs it."""
+    import warnings
+
+    import streamkws.tools.profile as profile
+
+    events = []
+    real_latency, real_macs = profile.measure_latency, profile.count_macs
+
+    def timed(*args, **kwargs):
+        events.append(("time", len(warnings.filters)))
+        return real_latency(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        events.append(("count", None))
+        return real_macs(*args, **kwargs)
+
+    baseline = len(warnings.filters)
+    monkeypatch.setattr(profile, "measure_latency", timed)
+    monkeypatch.setattr(profile, "count_macs", counted)
+    profile.profile_bundle(tiny_bundle, runs=200, warmup=5)
+    assert events[0] == ("time", baseline) and events[1][0] == "count"
