@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torch.ao.quantization as tq
@@ -405,3 +406,27 @@ def test_training_reduces_loss(arch: str) -> None:
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_quantizes_dynamically_and_runs_in_the_daemon(arch, speech_stream,
+                                                                         tmp_path):
+    """Bundle it, quantize it, reload it, and drive the daemon's pipeline on real speech."""
+    from streamkws.audio.chunk import Chunk
+    from streamkws.bundle import Bundle, load_bundle, new_bundle
+    from streamkws.config import Config, VadConfig
+    from streamkws.daemon import Pipeline
+    from streamkws.data import DEFAULT_LABELS
+    from streamkws.features import FrontEndConfig
+    from streamkws.models.quant import quantize_dynamic
+
+    cfg = Config(vad=VadConfig(kind="off")).validate()
+    net = build_model(arch, n_classes=12, n_frames=98, n_mels=40)
+    b = new_bundle(net, np.full(40, -6.0), np.full(40, 2.0), list(DEFAULT_LABELS),
+                   FrontEndConfig(), arch)
+    q = Bundle(quantize_dynamic(b.model), {**b.meta, "quantization": {"mode": "dynamic"}})
+    q.save(tmp_path / "q.skw")
+    pipeline = Pipeline(cfg, load_bundle(tmp_path / "q.skw"))
+    for i in range(0, 48000, 1600):
+        pipeline.process(Chunk(speech_stream[i : i + 1600], i))
+    assert pipeline.inferences == pipeline.windows > 0
