@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -236,37 +235,16 @@ def accuracy(model: nn.Module, feats: np.ndarray, y: np.ndarray) -> float:
 
 
 def count_macs(model: nn.Module, n_frames: int, n_mels: int) -> dict[str, int]:
-    """Multiply-accumulates of each conv and linear layer for one window, by module name.
+    """Multiply-accumulates of each conv and linear layer for one window, by module name
+    (``streamkws profile``'s hook counter, run in eval mode)."""
+    from streamkws.tools.profile import count_macs as count
 
-    Measured with forward hooks on a real forward pass, so it follows whatever shapes the
-    layers actually see (strides, padding, grouped convs).
-    """
-    macs: dict[str, int] = {}
-    hooks = []
-
-    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
-        def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            if isinstance(mod, nn.Conv2d):
-                per_out = (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-            else:
-                per_out = mod.in_features
-            macs[name] = macs.get(name, 0) + out[0].numel() * per_out
-
-        return fn
-
-    for name, mod in model.named_modules():
-        if type(mod) in (nn.Conv2d, nn.Linear):
-            hooks.append(mod.register_forward_hook(hook(name)))
     was_training = model.training
     try:
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros(1, n_frames, n_mels))
+        counts = count(model.eval(), torch.zeros(1, n_frames, n_mels))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return macs
+    return {layer.name: layer.macs for layer in counts.layers if layer.macs}
 
 
 def _kind(mod: nn.Module) -> str:
