@@ -48,7 +48,7 @@ def predict_clips(bundle: Bundle, x: np.ndarray, batch: int = 256) -> np.ndarray
 
 
 def evaluate(bundle: Bundle, data: str | Path, progress: bool = False) -> dict:
-    ds = load_dataset(data, bundle.labels, split=None if not _is_download(data) else "testing")
+    ds = load_dataset(data, bundle.labels)  # a Speech Commands download: its testing list
     x, ds = ClipCache().load_all(ds, progress)
     if len(ds) == 0:
         raise StreamKWSError(f"{data}: no readable clips")
@@ -58,12 +58,6 @@ def evaluate(bundle: Bundle, data: str | Path, progress: bool = False) -> dict:
               "quantization": bundle.quantization, "data": str(data),
               "skipped": ds.skipped})
     return m
-
-
-def _is_download(data: str | Path) -> bool:
-    from streamkws.data import is_speech_commands_download
-
-    return is_speech_commands_download(Path(data))
 
 
 def format_report(m: dict) -> str:

@@ -11,12 +11,7 @@ both on the bundle's own speaker-disjoint validation split, times them, and writ
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
 from streamkws.data import ClipCache, load_dataset, speaker_split
@@ -27,19 +22,11 @@ ATTRIBUTION = "Speech Commands dataset, P. Warden, 2018, arXiv:1804.03209, CC BY
 
 
 def latency_ms(bundle: Bundle, runs: int = 300) -> tuple[float, float]:
-    """p50 and p99 of one window's inference, batch 1, one thread."""
-    torch.set_num_threads(1)
-    x = np.random.default_rng(0).normal(-6, 2, size=(bundle.frontend.window_frames,
-                                                     bundle.frontend.n_mels)).astype(np.float32)
-    for _ in range(20):
-        bundle.predict(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        bundle.predict(x)
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return statistics.median(times), times[int(0.99 * (len(times) - 1))]
+    """p50 and p99 of one window's inference, batch 1, one thread (``profile``'s timer)."""
+    from streamkws.tools.profile import example_input, measure_latency
+
+    r = measure_latency(bundle.model, example_input(bundle), runs=runs, threads=1)
+    return r["p50"], r["p99"]
 
 
 def validation_metrics(bundle: Bundle, data: Path) -> dict:
