@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamkws.errors import ConfigError
+from streamkws.errors import ConfigError, ConfigFileError
 from streamkws.features import FrontEndConfig
 from streamkws.vad import VadConfig
 
@@ -189,11 +189,11 @@ def load(path: str | Path) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(p), f"cannot read config file ({exc.strerror})") from None
+        raise ConfigFileError(str(p), f"cannot read config file ({exc.strerror})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(p), f"not valid TOML ({exc})") from None
+        raise ConfigFileError(str(p), f"not valid TOML ({exc})") from None
     return parse(data)
 
 

@@ -17,5 +17,13 @@ class ConfigError(StreamKWSError):
         super().__init__(f"config key '{key}': {message}")
 
 
+class ConfigFileError(ConfigError):
+    """The config file itself cannot be read or parsed (no single key is at fault)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.key = path
+        StreamKWSError.__init__(self, f"{path}: {message}")
+
+
 class AudioError(StreamKWSError):
     """Audio that cannot be read or a device that cannot be opened."""

@@ -48,8 +48,9 @@ def test_unparseable_and_missing_files_are_config_errors(tmp_path):
     bad.write_text("[vad\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(bad)
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="cannot read config file") as exc:
         config.load(tmp_path / "missing.toml")
+    assert str(exc.value).startswith(f"{tmp_path / 'missing.toml'}: ")  # a file, not a key
 
 
 def test_search_order_is_flag_then_environment_then_system(tmp_path, monkeypatch):
