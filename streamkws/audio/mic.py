@@ -10,6 +10,7 @@ count, then mix down and resample in the callback: both are cheap next to the mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class InputDevice:
         return f"[{self.index}] {self.name} ({self.hostapi}, {self.channels} ch)"
 
 
+def load_portaudio() -> None:
+    """Raise :class:`AudioError` now if PortAudio is missing (no retry can mend that)."""
+    _sounddevice()
+
+
 def refresh_devices() -> None:
     """Re-scan the audio devices.
 
@@ -57,7 +63,9 @@ def refresh_devices() -> None:
     call it only while no :class:`MicSource` is running.
     """
     sd = _sounddevice()
-    sd._terminate()
+    # Not initialised means an earlier re-scan failed half-way; initialising mends that.
+    with contextlib.suppress(sd.PortAudioError):
+        sd._terminate()
     sd._initialize()
 
 
@@ -279,11 +287,12 @@ class MicSource(AudioSource):
 
     def _on_finished(self) -> None:
         # PortAudio calls this whenever the stream stops, including our own stop(); only a
-        # stop we did not ask for (device unplugged, server gone) is an error.
+        # stop we did not ask for (device unplugged, server gone) is an error. It is logged
+        # by whoever watches .finished (the daemon retries quietly), not here.
         if not self._stopping and not self._failed:
             self._failed = True
             self.error = AudioError(f"audio device {self._device_label()} stopped unexpectedly")
-            log.error("%s", self.error)
+            log.debug("%s", self.error)
         self.finished.set()
 
     def _device_label(self) -> str:
