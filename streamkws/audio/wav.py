@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,18 @@ _PCM = 1
 _FLOAT = 3
 _EXTENSIBLE = 0xFFFE
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # written by tools that stream a WAV of unknown length
+# Other writers put a large placeholder instead: sox to a pipe writes 0x7FFFF000, arecord
+# about 2 GiB. Bigger than the file, such a size means "to end of file", not truncation.
+_PLACEHOLDER_MIN = 0x7FFFF000
+_FMT_MAX = 1024  # 'fmt ' is 16 to 40 bytes; never trust its size field for an allocation
+RATE_RANGE = (1000, 768_000)
+"""Sample rates accepted. Far below, resampling to 16 kHz would multiply a small file into
+gigabytes (a 1 Hz header asks for 16000 output samples per input frame)."""
+
+# Recognised so the error says what the file is, not only what it is not.
+_MAGIC = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3"),
+          (b"OggS", "Ogg"), (b"fLaC", "FLAC"), (b"FORM", "AIFF"), (b".snd", "Sun/NeXT audio"),
+          (b"RF64", "RF64 (64-bit WAV)"))
 
 
 @dataclass(frozen=True)
@@ -54,12 +67,21 @@ class WavInfo:
 
 def read_wav_info(f: BinaryIO, name: str) -> WavInfo:
     """Parse the header of an open WAV file, leaving ``f`` at the start of the samples."""
-    size = os.fstat(f.fileno()).st_size
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        # Sizes and seeking need a regular file; raw audio streams through `--source -`.
+        raise AudioError(f"{name}: not a regular file (pipe raw s16le 16 kHz mono audio "
+                         "to `--source -` instead)")
+    size = st.st_size
     head = f.read(12)
     if len(head) == 0:
         raise AudioError(f"{name}: empty file")
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
-        raise AudioError(f"{name}: not a WAV file (no RIFF/WAVE header)")
+        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+        if kind is None and head[4:8] == b"ftyp":
+            kind = "MP4/M4A"
+        what = f"it looks like {kind}; convert it to WAV" if kind else "no RIFF/WAVE header"
+        raise AudioError(f"{name}: not a WAV file ({what})")
     if head[:4] == b"RIFX":
         raise AudioError(f"{name}: big-endian (RIFX) WAV is not supported")
     fmt: tuple[int, int, int, int] | None = None
@@ -70,9 +92,10 @@ def read_wav_info(f: BinaryIO, name: str) -> WavInfo:
             raise AudioError(f"{name}: truncated or malformed WAV ({what})")
         cid, clen = struct.unpack("<4sI", hdr)
         if cid == b"fmt ":
-            body = f.read(clen + (clen & 1))
+            body = f.read(min(clen, _FMT_MAX))
             if len(body) < 16:
-                raise AudioError(f"{name}: truncated WAV format chunk")
+                raise AudioError(f"{name}: truncated or malformed WAV ('fmt ' chunk too short)")
+            f.seek(clen + (clen & 1) - len(body), os.SEEK_CUR)  # the rest and the pad byte
             tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
             if tag == _EXTENSIBLE and len(body) >= 26:
                 tag = struct.unpack("<H", body[24:26])[0]  # first two bytes of the GUID
@@ -82,7 +105,7 @@ def read_wav_info(f: BinaryIO, name: str) -> WavInfo:
                 raise AudioError(f"{name}: malformed WAV ('data' before 'fmt ')")
             offset = f.tell()
             present = size - offset
-            if clen in _UNKNOWN_SIZES:
+            if clen in _UNKNOWN_SIZES or (clen >= _PLACEHOLDER_MIN and clen > present):
                 clen = present
             elif clen > present:
                 raise AudioError(
@@ -98,8 +121,11 @@ def _make_info(name: str, fmt: tuple[int, int, int, int], offset: int, nbytes: i
     tag, channels, rate, bits = fmt
     if tag not in (_PCM, _FLOAT):
         raise AudioError(f"{name}: unsupported WAV encoding (format tag {tag}); use PCM or float")
-    if channels < 1 or rate < 1:
-        raise AudioError(f"{name}: invalid WAV header ({channels} channels, {rate} Hz)")
+    if channels < 1:
+        raise AudioError(f"{name}: invalid WAV header (0 channels)")
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        lo, hi = RATE_RANGE
+        raise AudioError(f"{name}: unsupported sample rate {rate} Hz (must be {lo} to {hi} Hz)")
     if (tag == _PCM and bits not in (8, 16, 24, 32)) or (tag == _FLOAT and bits not in (32, 64)):
         kind = "float" if tag == _FLOAT else "PCM"
         raise AudioError(f"{name}: unsupported sample width ({bits}-bit {kind})")
@@ -111,8 +137,29 @@ def _make_info(name: str, fmt: tuple[int, int, int, int], offset: int, nbytes: i
 
 def decode_frames(raw: bytes, info: WavInfo) -> np.ndarray:
     """Bytes of whole frames -> float32 array of shape (frames, channels) in [-1, 1]."""
+    return _decode(raw, info)[0]
+
+
+def sanitize(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Float audio clipped to [-1, 1] with NaN and infinities made silence (0).
+
+    Returns the cleaned float32 array and how many samples were not finite. A float file
+    can hold anything; one NaN would otherwise turn every feature frame and posterior it
+    touches into NaN, and values far beyond full scale overflow the power spectrum.
+    """
+    bad = ~np.isfinite(x)
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad:
+        x = np.where(bad, 0.0, x)
+    # Clipping before the cast: float64 samples can lie beyond the float32 range.
+    return np.clip(x, -1.0, 1.0).astype(np.float32), n_bad
+
+
+def _decode(raw: bytes, info: WavInfo) -> tuple[np.ndarray, int]:
+    """Like :func:`decode_frames`, also counting the non-finite samples replaced."""
+    n_bad = 0
     if info.is_float:
-        x = np.frombuffer(raw, dtype="<f4" if info.bits == 32 else "<f8").astype(np.float32)
+        x, n_bad = sanitize(np.frombuffer(raw, dtype="<f4" if info.bits == 32 else "<f8"))
     elif info.bits == 8:  # 8-bit WAV is unsigned
         x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif info.bits == 16:
@@ -124,7 +171,7 @@ def decode_frames(raw: bytes, info: WavInfo) -> np.ndarray:
         x = v.astype(np.float32) / float(1 << 23)
     else:
         x = np.frombuffer(raw, dtype="<i4").astype(np.float32) / float(1 << 31)
-    return x.reshape(-1, info.channels)
+    return x.reshape(-1, info.channels), n_bad
 
 
 def to_mono(frames: np.ndarray) -> np.ndarray:
@@ -160,16 +207,26 @@ def iter_wav(path: str | Path, block_frames: int = 1600) -> Iterator[np.ndarray]
         rs = StreamResampler(info.sample_rate) if info.sample_rate != SAMPLE_RATE else None
         remaining = info.data_bytes
         step = block_frames * info.block_align
+        frames_read = 0
+        warned = False
         while remaining > 0:
             raw = f.read(min(step, remaining))
             if not raw:
                 raise AudioError(f"{name}: file ended early (was it truncated while read?)")
             remaining -= len(raw)
             usable = len(raw) - len(raw) % info.block_align
-            mono = to_mono(decode_frames(raw[:usable], info))
-            yield rs.process(mono) if rs else mono
+            frames, n_bad = _decode(raw[:usable], info)
+            if n_bad and not warned:
+                log.warning("%s: NaN or infinite samples (first near %.2f s) replaced by "
+                            "silence", name, frames_read / info.sample_rate)
+                warned = True
+            frames_read += len(frames)
+            mono = to_mono(frames)
+            # Resampling full-scale audio overshoots slightly (Gibbs ringing); clipping
+            # keeps every source's samples within [-1, 1].
+            yield np.clip(rs.process(mono), -1.0, 1.0) if rs else mono
         if rs:
-            yield rs.process(np.zeros(0, np.float32), last=True)
+            yield np.clip(rs.process(np.zeros(0, np.float32), last=True), -1.0, 1.0)
     finally:
         f.close()
 
@@ -180,10 +237,13 @@ def load_audio(path: str | Path) -> np.ndarray:
     WAV is parsed here; anything else goes through ``soundfile`` if it is installed.
     """
     p = Path(path)
-    if not p.exists():
-        raise AudioError(f"{p}: no such file")
-    with open(p, "rb") as f:
-        is_wav = f.read(4) in (b"RIFF", b"RIFX")
+    try:
+        with open(p, "rb") as f:
+            is_wav = f.read(4) in (b"RIFF", b"RIFX")
+    except FileNotFoundError:
+        raise AudioError(f"{p}: no such file") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise AudioError(f"{p}: cannot open ({exc.strerror})") from None
     if is_wav or p.suffix.lower() == ".wav":
         blocks = list(iter_wav(p, block_frames=1 << 16))
         return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
@@ -202,9 +262,13 @@ def _load_with_soundfile(p: Path) -> np.ndarray:
         data, rate = soundfile.read(str(p), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for unreadable input
         raise AudioError(f"{p}: unreadable audio ({exc})") from None
-    mono = to_mono(data)
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise AudioError(f"{p}: unsupported sample rate {rate} Hz")
+    mono, n_bad = sanitize(to_mono(data))
+    if n_bad:
+        log.warning("%s: %d NaN or infinite samples replaced by silence", p, n_bad)
     if rate != SAMPLE_RATE:
-        mono = StreamResampler(rate).process(mono, last=True)
+        mono = np.clip(StreamResampler(rate).process(mono, last=True), -1.0, 1.0)
     return mono
 
 
