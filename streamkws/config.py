@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 import types
@@ -34,6 +35,12 @@ class AudioConfig:
     """Ring buffer capacity: how far processing may fall behind before audio is lost."""
     realtime: bool = True
     """Pace file sources like a microphone (``false`` replays as fast as the CPU allows)."""
+    retry_max_s: float = 10.0
+    """A microphone that fails or vanishes is reopened after 0.5 s, then after waits that
+    double up to this long, until it is back."""
+    stall_timeout_s: float = 5.0
+    """A microphone that delivers no audio this long counts as gone and is reopened
+    (0 = never; some drivers stop calling back instead of reporting an error)."""
 
     def validate(self, prefix: str = "audio") -> AudioConfig:
         if not 1 <= self.block_ms <= 1000:
@@ -44,6 +51,14 @@ class AudioConfig:
             )
         if not self.source:
             raise ConfigError(f"{prefix}.source", "must not be empty")
+        if not 0.5 <= self.retry_max_s <= 3600.0:
+            raise ConfigError(f"{prefix}.retry_max_s",
+                              f"must be within 0.5..3600 (got {self.retry_max_s})")
+        # Much below the default, a device's slow first block (an idle PulseAudio sink
+        # renders 2 s at a time) would be mistaken for a lost device.
+        if self.stall_timeout_s != 0 and not 1.0 <= self.stall_timeout_s <= 600.0:
+            raise ConfigError(f"{prefix}.stall_timeout_s",
+                              f"must be 0 (off) or within 1..600 (got {self.stall_timeout_s})")
         return self
 
 
@@ -190,10 +205,17 @@ def load(path: str | Path) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigFileError(str(p), f"cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(
+            str(p), f"not a text file (invalid UTF-8 at byte {exc.start})"
+        ) from None
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:
+        # TOMLDecodeError, and the ValueError int() raises for integers over 4300 digits
         raise ConfigFileError(str(p), f"not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables
+        raise ConfigFileError(str(p), "not valid TOML (nested too deeply)") from None
     return parse(data)
 
 
@@ -219,9 +241,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}{key}"
+        full = f"{prefix}{_key_name(key)}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            # parse() also takes dicts built in code, whose keys need not be strings.
+            close = difflib.get_close_matches(key, names, n=1) if isinstance(key, str) else []
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(full, f"unknown key{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
@@ -246,7 +269,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, f"must be a table, got {_kind(value)}")
         return {
-            _coerce(ktp, k, f"{key}.{k}"): _coerce(vtp, v, f"{key}.{k}") for k, v in value.items()
+            _coerce(ktp, k, f"{key}.{_key_name(k)}"): _coerce(vtp, v, f"{key}.{_key_name(k)}")
+            for k, v in value.items()
         }
     if origin in (list, tuple):
         (etp, *_) = typing.get_args(tp)
@@ -260,10 +284,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"must be an integer, got {_kind(value)}")
+        _check_int64(value, key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {_kind(value)}")
+        if not isinstance(value, float):
+            _check_int64(value, key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -272,7 +299,59 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug, not user error
 
 
+def _check_int64(value: int, key: str) -> None:
+    # TOML integers are 64-bit; bigger ones (which dicts built in code can hold) would
+    # overflow float() and, past 4300 digits, even str() in the range messages.
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ConfigError(key, "must be a 64-bit integer, got a larger one")
+
+
 def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__) + (
-        f" ({value!r})" if isinstance(value, bool | int | float | str) else "")
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return f"{name} ({_short(value)})" if isinstance(value, bool | int | float | str) else name
+
+
+def _short(value: Any) -> str:
+    """``repr`` for an error message: bounded, and safe for integers too long for str()."""
+    if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
+        return f"a {value.bit_length()}-bit integer"
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _key_name(key: Any) -> str:
+    return key if isinstance(key, str) else _short(key)
+
+
+def dumps(cfg: Config, header: str = "") -> str:
+    """The whole configuration as TOML that :func:`load` reads back to an equal Config.
+
+    Tools that tune settings (``stream-eval --target-fa-per-hour``) write complete files,
+    so a daemon pointed at one runs exactly what was measured, whatever its built-in
+    defaults become later.
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        lines += ["", f"[{f.name}]"]
+        for sf in dataclasses.fields(section):
+            lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)  # JSON numbers and strings are valid TOML
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -10,6 +10,7 @@ whose settings differ from the stream's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +40,12 @@ class FrontEndConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{prefix}.{key}", msg)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # A NaN fails every range check below, but the f_min/f_max ordering check
+            # would then blame f_min for a NaN f_max.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number (got {value})")
         if self.sample_rate != 16000:
             raise bad("sample_rate", f"must be 16000 (got {self.sample_rate})")
         if not 5 <= self.window_ms <= 100:
@@ -52,7 +59,8 @@ class FrontEndConfig:
         if not 1 <= self.n_mels <= 256:
             raise bad("n_mels", f"must be within 1..256 (got {self.n_mels})")
         if not 0 <= self.f_min < self.f_max:
-            raise bad("f_min", f"must be >= 0 and below f_max (got {self.f_min})")
+            raise bad("f_min", f"must be >= 0 and below f_max (got f_min = {self.f_min}, "
+                               f"f_max = {self.f_max})")
         if self.f_max > self.sample_rate / 2:
             raise bad("f_max", f"must not exceed the Nyquist frequency (got {self.f_max})")
         if not self.log_offset > 0:
@@ -183,8 +191,14 @@ class LogMel:
         n = c.n_frames(audio.shape[-1])
         if n == 0:
             return np.zeros((*audio.shape[:-1], 0, c.n_mels), dtype=np.float32)
-        framed = np.lib.stride_tricks.sliding_window_view(audio, c.win_length, axis=-1)
-        return self.frames(framed[..., :: c.hop_length, :][..., :n, :])
+        audio = np.ascontiguousarray(audio)
+        # A hand-made strided view: sliding_window_view's argument checks cost more than
+        # the FFT for the few frames a streaming chunk completes, on every chunk.
+        step = audio.strides[-1]
+        framed = np.lib.stride_tricks.as_strided(
+            audio, shape=(*audio.shape[:-1], n, c.win_length),
+            strides=(*audio.strides[:-1], step * c.hop_length, step), writeable=False)
+        return self.frames(framed)
 
 
 class StreamingLogMel:

@@ -6,11 +6,21 @@ so what is measured offline is exactly what runs on the device.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from streamkws.audio.chunk import Chunk
 from streamkws.features import FrontEndConfig, LogMel, StreamingLogMel, Window, Windower
 from streamkws.vad import VadConfig, VadGate
+
+log = logging.getLogger(__name__)
+
+SAMPLE_LIMIT = 1e6
+"""Samples beyond +-SAMPLE_LIMIT (full scale is 1) are clipped there: nonsense anyway, and
+float32 sums in the VAD would overflow into NaN on values near the float32 maximum."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +33,13 @@ class GatedWindow:
 class FrontEnd:
     """Chunks in, gated model windows out.
 
-    A jump in ``Chunk.start`` (audio lost before it reached us) restarts the feature and
-    window state at the new position: a window never straddles missing audio.
+    Windows come out once the VAD has decided all of their frames (at most one VAD frame
+    after their features complete); ``flush`` releases the rest at the end of a stream. A
+    jump in ``Chunk.start`` (audio lost before it reached us) restarts the feature and
+    window state at the new position: a window never straddles missing audio. NaN or
+    infinite samples (a misbehaving device or decoder) are replaced by silence, absurdly
+    large ones clipped to ``SAMPLE_LIMIT``, and both counted in ``invalid_samples``: one NaN
+    would otherwise turn every frame and posterior it touches into NaN.
     """
 
     def __init__(
@@ -42,6 +57,11 @@ class FrontEnd:
         self.gaps = 0
         self.windows = 0
         self.windows_open = 0
+        self.invalid_samples = 0
+        # A window is judged once the VAD has decided every frame centred in it. The frame
+        # straddling its end may need audio from the next chunk; judging early would make
+        # the gate's answer depend on where chunks happen to end.
+        self._held: deque[Window] = deque()
 
     def resume_at(self, position: int) -> None:
         """Continue a stream at ``position`` (a replacement front end after a reload)."""
@@ -54,16 +74,45 @@ class FrontEnd:
         return self._expected
 
     def process(self, chunk: Chunk) -> list[GatedWindow]:
+        # One cheap pass; NaN propagates through max, so it fails the test too.
+        if not np.abs(chunk.samples).max(initial=0.0) <= SAMPLE_LIMIT:
+            chunk = self._sanitize(chunk)
+        out = []
         if chunk.start != self._expected:
+            # The audio the held windows were waiting for is lost: judge them as they are.
+            out += self.flush()
             self.gaps += 1
             self.features.reset()
             self.windower.reset(chunk.start)
         self._expected = chunk.end
         self.gate.push(chunk)
-        out = []
-        for w in self.windower.push(self.features.process(chunk.samples)):
-            is_open = self.gate.is_open(w.start, w.end)
-            self.windows += 1
-            self.windows_open += is_open
-            out.append(GatedWindow(w, is_open))
+        self._held.extend(self.windower.push(self.features.process(chunk.samples)))
+        limit = self.gate.decided_until
+        while self._held and self._held[0].end <= limit:
+            out.append(self._judge(self._held.popleft()))
         return out
+
+    def flush(self) -> list[GatedWindow]:
+        """Judge the windows still waiting for VAD decisions (the stream ended or broke)."""
+        out = [self._judge(w) for w in self._held]
+        self._held.clear()
+        return out
+
+    def _judge(self, w: Window) -> GatedWindow:
+        is_open = self.gate.is_open(w.start, w.end)
+        self.windows += 1
+        self.windows_open += is_open
+        return GatedWindow(w, is_open)
+
+    def _sanitize(self, chunk: Chunk) -> Chunk:
+        x = chunk.samples
+        finite = np.isfinite(x)
+        n_bad = int(np.count_nonzero(~finite | (np.abs(np.where(finite, x, 0)) > SAMPLE_LIMIT)))
+        if self.invalid_samples == 0:
+            log.warning("invalid audio samples (NaN, infinite or beyond +-%g) at %.2f s: NaN "
+                        "and infinities replaced by silence, the rest clipped (warned once)",
+                        SAMPLE_LIMIT, chunk.start / self.config.sample_rate)
+        self.invalid_samples += n_bad
+        # A new array: the source or the ring may still hold the original.
+        clean = np.clip(np.where(finite, x, 0.0), -SAMPLE_LIMIT, SAMPLE_LIMIT)
+        return Chunk(clean.astype(np.float32), chunk.start)

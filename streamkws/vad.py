@@ -408,6 +408,18 @@ class VadGate:
         self._heard[idx] = heard
         self._n += n
 
+    @property
+    def decided_until(self) -> float:
+        """Every frame whose centre lies before this stream position has been decided.
+
+        A window ending at or before it can be judged; one ending later may still gain a
+        speech frame from audio not yet pushed (the frame straddling its end)."""
+        if self.vad is None:
+            return math.inf
+        if self._next is None:
+            return -math.inf
+        return self._frame_pos + self._frame // 2
+
     def _inside(self, start: int, end: int) -> np.ndarray:
         centres = self._starts + self._frame // 2
         return (centres >= start) & (centres < end)
