@@ -5,6 +5,10 @@ processing thread (this module's loop, on the main thread so it also receives si
 drains the ring through :class:`Pipeline` and publishes. When inference falls behind a
 live source, whole windows are skipped and counted; the ring keeps every sample, so audio
 time and the front end's state stay exact.
+
+A microphone that fails, vanishes or stalls does not end the daemon: the loop's
+:class:`SourceSupervisor` reopens it with backoff while status reports the outage. Files
+and stdin still end the run on an error.
 """
 
 from __future__ import annotations
@@ -19,26 +23,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 
 from streamkws import SAMPLE_RATE
 from streamkws.audio.chunk import Chunk
+from streamkws.audio.mic import MicSource, load_portaudio, refresh_devices
 from streamkws.audio.ring import RingBuffer
 from streamkws.audio.sources import open_source
+from streamkws.audio.supervisor import RETRYING, SourceSupervisor
 from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import Config, load_default
 from streamkws.detect import Detection, Smoother
 from streamkws.errors import StreamKWSError
-from streamkws.frontend import FrontEnd
+from streamkws.frontend import FrontEnd, GatedWindow
 
 log = logging.getLogger(__name__)
+
+
+class LatencyLog:
+    """The most recent inference durations, for percentiles in status and benchmarks.
+
+    A fixed array (not a growing list) so an always-on daemon's memory stays flat.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._ms = np.zeros(capacity)
+        self.count = 0
+
+    def add(self, ms: float) -> None:
+        self._ms[self.count % len(self._ms)] = ms
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        n = min(self.count, len(self._ms))
+        return float(np.percentile(self._ms[:n], q)) if n else None
 
 
 class Pipeline:
     """Front end -> VAD gate -> model -> smoother, for one stream; no threads, no I/O.
 
-    ``process`` takes a chunk and returns the detections it completes. ``lag`` (samples
-    the stream is ahead of a window) lets the caller skip inference when it falls behind.
+    ``process`` takes a chunk and returns the detections it completes. ``newest`` (the
+    stream position captured so far) lets it skip inference when it falls behind.
+    ``trace``, when set to a list, receives ``(start, end, probs or None)`` for every
+    window, so ``stream-eval`` can re-decide a recording at other thresholds without
+    running the model again.
     """
 
     def __init__(self, cfg: Config, bundle: Bundle) -> None:
@@ -51,20 +80,33 @@ class Pipeline:
         self.inferences = 0
         self.dropped_windows = 0
         self.samples = 0
+        self.latency = LatencyLog()
+        self.trace: list[tuple[int, int, np.ndarray | None]] | None = None
 
     def process(self, chunk: Chunk, newest: int | None = None) -> list[Detection]:
         """Feed a chunk; ``newest`` is the stream position captured so far (for dropping)."""
         self.samples += len(chunk.samples)
+        return self._decide(self.frontend.process(chunk), newest)
+
+    def flush(self) -> list[Detection]:
+        """Decide the windows the front end still holds (end of stream, before a reload)."""
+        return self._decide(self.frontend.flush(), None)
+
+    def _decide(self, windows: list[GatedWindow], newest: int | None) -> list[Detection]:
         out = []
-        for gw in self.frontend.process(chunk):
+        for gw in windows:
             w = gw.window
             probs = None
             if gw.open:
                 if newest is not None and newest - w.end > self.max_lag:
                     self.dropped_windows += 1
                 else:
+                    t0 = time.perf_counter()
                     probs = self.bundle.predict(w.features)
+                    self.latency.add((time.perf_counter() - t0) * 1000.0)
                     self.inferences += 1
+            if self.trace is not None:
+                self.trace.append((w.start, w.end, probs))
             det = self.smoother.push(probs, w.start, w.end)
             if det is not None:
                 out.append(self._locate(det))
@@ -134,6 +176,9 @@ class Daemon:
         self.bundle = load_bundle(cfg.model.name)
         self.pipeline = Pipeline(cfg, self.bundle)
         self.source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+        if isinstance(self.source, MicSource):
+            load_portaudio()  # a missing library is a start-up error, not an outage to wait out
+        self.supervisor: SourceSupervisor | None = None
         self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
         self.publisher = Publisher(cfg.publish)
         self.notifier = Notifier.from_env()
@@ -150,9 +195,11 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self.ring.wake()
 
     def request_reload(self) -> None:
         self._reload.set()
+        self.ring.wake()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -176,9 +223,14 @@ class Daemon:
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changes take effect only after a restart", section)
         # Counters carry over so status stays monotonic across reloads.
+        # The last window or two still held by the old front end are decided by the old
+        # configuration: a reload never loses a word.
+        for det in self.pipeline.flush():
+            self._publish_detection(det)
         pipeline.inferences = self.pipeline.inferences
         pipeline.dropped_windows = self.pipeline.dropped_windows
         pipeline.samples = self.pipeline.samples
+        pipeline.latency = self.pipeline.latency
         pipeline.frontend.resume_at(self.pipeline.frontend.position)
         torch.set_num_threads(new.model.threads)
         self.cfg, self.bundle, self.pipeline = new, bundle, pipeline
@@ -199,7 +251,15 @@ class Daemon:
                 self.wait_subscribers, self.wait_timeout):
             log.warning("only %d of %d subscribers after %.0f s; starting anyway",
                         self.publisher.subscriptions, self.wait_subscribers, self.wait_timeout)
-        self.source.start(sink)
+        if isinstance(self.source, MicSource):
+            # A device that cannot open now may appear later (a USB microphone plugged in,
+            # the sound server still starting): retried like an outage, never fatal.
+            self.supervisor = SourceSupervisor(
+                self.source, sink, retry_max_s=self.cfg.audio.retry_max_s,
+                stall_timeout_s=self.cfg.audio.stall_timeout_s, rescan=refresh_devices)
+            self.supervisor.start()
+        else:
+            self.source.start(sink)
         log.info("listening on %s with model %s; publishing on %s", self.source.name,
                  self.bundle.name, self.publisher.endpoint)
         self.notifier.ready(self._status_line())
@@ -207,28 +267,42 @@ class Daemon:
         next_status = time.monotonic() + self.cfg.publish.status_interval_s
         watchdog = self._watchdog_pacer()
         hop = self.cfg.windows.hop_ms * SAMPLE_RATE // 1000
+        # Stop and reload requests wake the read below; the timeout only paces status
+        # messages and the watchdog.
+        wait = min(0.25, watchdog.interval / 2) if watchdog is not None else 0.25
         rc = 0
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            chunk = self.ring.read(max_samples=hop, timeout=0.05)
+            # A live stream is read a window hop at a time: windows cannot complete
+            # sooner, and waking for every capture block would cost more than the work.
+            whole_hops = self.live and not self.source.finished.is_set()
+            chunk = self.ring.read(max_samples=hop, min_samples=hop if whole_hops else 1,
+                                   timeout=wait)
             if chunk is not None:
                 newest = self.ring.write_position if self.live else None
                 for det in self.pipeline.process(chunk, newest):
                     self._publish_detection(det)
-            elif self.source.finished.is_set() and self.ring.available == 0:
+            elif (self.supervisor is None and self.source.finished.is_set()
+                  and self.ring.available == 0):
+                for det in self.pipeline.flush():
+                    self._publish_detection(det)
                 if self.source.error is not None:
                     log.error("audio source stopped: %s", self.source.error)
                     rc = 1
                 break
             now = time.monotonic()
+            if self.supervisor is not None and self.supervisor.poll(now):
+                next_status = now  # subscribers hear of an outage (or its end) at once
             if now >= next_status:
                 self._publish_status()
                 next_status = now + self.cfg.publish.status_interval_s
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
         self.notifier.stopping()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.source.stop()
         self._publish_status(final=True)
         self.publisher.close()
@@ -258,6 +332,7 @@ class Daemon:
 
     def counters(self) -> dict:
         p = self.pipeline
+        p50, p99 = p.latency.percentile(50), p.latency.percentile(99)
         return {
             "uptime": round(time.monotonic() - self.started, 3),
             "audio_seconds": round(p.samples / SAMPLE_RATE, 3),
@@ -266,7 +341,21 @@ class Daemon:
             "overruns": self.ring.overruns,
             "dropped_windows": p.dropped_windows,
             "detections": self.detections,
+            # Process CPU time lets `streamkws bench` measure steady-state cost without
+            # counting interpreter start-up and model loading.
+            "cpu_seconds": round(time.process_time(), 3),
+            "inference_ms_p50": None if p50 is None else round(p50, 3),
+            "inference_ms_p99": None if p99 is None else round(p99, 3),
+            **self._source_health(),
         }
+
+    def _source_health(self) -> dict:
+        """The microphone's state for status; empty for files and stdin (they never retry)."""
+        sup = self.supervisor
+        if sup is None:
+            return {}
+        return {"source_state": sup.state, "source_error": sup.error,
+                "source_retries": sup.retries}
 
     def _publish_status(self, final: bool = False) -> None:
         from streamkws.publish import status_message
@@ -279,5 +368,11 @@ class Daemon:
 
     def _status_line(self) -> str:
         c = self.counters()
-        return (f"{self.source.name}: {c['audio_seconds']:.0f} s audio, "
-                f"{c['detections']} detections, {c['dropped_windows']} dropped windows")
+        counts = (f"{c['audio_seconds']:.0f} s audio, {c['detections']} detections, "
+                  f"{c['dropped_windows']} dropped windows")
+        sup = self.supervisor
+        if sup is not None and sup.state == RETRYING:
+            # What `systemctl status` shows: why nothing is heard comes first.
+            why = f"unavailable, retrying ({sup.retries} attempts): {sup.error}"[:200]
+            return f"{self.source.name}: {why}; {counts}"
+        return f"{self.source.name}: {counts}"

@@ -100,10 +100,19 @@ def status_message(
     dropped_windows: int,
     detections: int,
     final: bool = False,
+    cpu_seconds: float | None = None,
+    inference_ms_p50: float | None = None,
+    inference_ms_p99: float | None = None,
+    source_state: str | None = None,
+    source_error: str | None = None,
+    source_retries: int | None = None,
 ) -> dict[str, Any]:
-    """A status message with exactly the contract's keys (plus ``"final": true`` if final).
+    """A status message with the contract's keys (plus ``"final": true`` if final).
 
-    Keyword-only so ``status_message(**counters)`` with a misspelt counter fails loudly.
+    The optional extras (process CPU time, inference latency, the audio source's health)
+    are added after the contract's keys when given; subscribers that do not know them
+    ignore them. Keyword-only so ``status_message(**counters)`` with a misspelt counter
+    fails loudly.
     """
     msg: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -117,6 +126,10 @@ def status_message(
         "dropped_windows": int(dropped_windows),
         "detections": int(detections),
     }
+    extras = {"cpu_seconds": cpu_seconds, "inference_ms_p50": inference_ms_p50,
+              "inference_ms_p99": inference_ms_p99, "source_state": source_state,
+              "source_error": source_error, "source_retries": source_retries}
+    msg.update({k: v for k, v in extras.items() if v is not None})
     if final:
         msg["final"] = True
     return msg

@@ -34,6 +34,10 @@ class RingBuffer:
         self._data = threading.Event()
         self._space = threading.Event()
         self._closed = False
+        # Consumer-owned: how much audio makes waking the consumer worthwhile. A live
+        # stream arrives in 20-ms blocks, but a window needs 100 ms; waking five times per
+        # window would cost more than the front end itself on silence.
+        self._want = 1
         self.overruns = 0
         """Writes that did not fit whole (the capture side outran the consumer)."""
         self.overrun_samples = 0
@@ -76,12 +80,14 @@ class RingBuffer:
             n = min(free, len(samples) - kept)
             self._store(samples[kept : kept + n])
             kept += n
-            self._data.set()
+            if self._written - self._read >= self._want or self._gaps:
+                self._data.set()
         lost = len(samples) - kept
         if lost:
             self.overruns += 1
             self.overrun_samples += lost
             self._gaps.append((self._written, lost))
+            self._data.set()
         return kept
 
     def _store(self, samples: np.ndarray) -> None:
@@ -113,20 +119,33 @@ class RingBuffer:
         """True once the stream is closed and every stored sample has been read."""
         return self._closed and self._written == self._read
 
-    def read(self, max_samples: int | None = None, timeout: float = 0.0) -> Chunk | None:
+    def read(self, max_samples: int | None = None, timeout: float = 0.0,
+             min_samples: int = 1) -> Chunk | None:
         """Return the oldest unread samples (at most ``max_samples``), or None.
 
         A chunk never spans a gap, so ``chunk.start`` is exact. With ``timeout`` it waits
-        that long for data before giving up.
+        that long for data before giving up. ``min_samples`` holds back a read until that
+        much has arrived (or the stream closed, or a gap ended the run of samples), and
+        the producer does not wake the consumer for less.
         """
-        chunk = self._take(max_samples)
+        self._want = max(1, min_samples)
+        chunk = self._take_ready(max_samples)
         if chunk is None and timeout > 0 and not self._closed:
             self._data.clear()
-            chunk = self._take(max_samples)
+            chunk = self._take_ready(max_samples)
             if chunk is None:
                 self._data.wait(timeout)
-                chunk = self._take(max_samples)
+                chunk = self._take_ready(max_samples)
         return chunk
+
+    def wake(self) -> None:
+        """Wake a consumer waiting in :meth:`read` (it returns at once, maybe with None)."""
+        self._data.set()
+
+    def _take_ready(self, max_samples: int | None) -> Chunk | None:
+        if self._written - self._read < self._want and not self._closed and not self._gaps:
+            return None
+        return self._take(max_samples)
 
     def _take(self, max_samples: int | None) -> Chunk | None:
         written = self._written

@@ -13,6 +13,9 @@ DEMO_WAV = Path(__file__).resolve().parent.parent / "data" / "demo.wav"
 def open_source(spec: str, realtime: bool = True, block_ms: int = 20) -> AudioSource:
     """Parse a source string and open it (files are checked now, devices opened on start)."""
     block = max(1, 16 * block_ms)
+    if not realtime:
+        # Replayed as fast as possible, a file's block size only sets per-call overhead.
+        block = max(block, 1600)
     if spec == "-":
         from streamkws.audio.stdin import StdinSource
 

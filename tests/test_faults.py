@@ -1,0 +1,215 @@
+"""Fault tolerance: the daemon under load, overload, subscriber churn and signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from streamkws.audio.sources import DEMO_WAV
+from streamkws.audio.wav import load_audio
+from streamkws.config import Config, dumps
+from streamkws.daemon import Daemon, Overrides, apply_overrides
+from streamkws.tools.streams import write_wav
+from tests.e2e import Subscriber, free_port
+
+
+def config_file(path: Path, **sections) -> Path:
+    cfg = Config().validate()
+    for name, values in sections.items():
+        cfg = cfg.replace(**{name: dataclasses.replace(getattr(cfg, name), **values)})
+    path.write_text(dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_speech(tmp_path_factory) -> Path:
+    """Ten minutes of real speech (the demo recording, repeated)."""
+    x = load_audio(DEMO_WAV)
+    path = tmp_path_factory.mktemp("faults") / "long.wav"
+    write_wav(path, np.tile(x, int(600 / (len(x) / 16000)) + 1))
+    return path
+
+
+def daemon(*args: str, endpoint: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
+         "--wait-subscribers", "1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def statuses(sub: Subscriber) -> list[dict]:
+    return [m for t, m, _ in sub.messages if t == "status"]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_under_full_load_a_broken_reload_is_rejected_and_sigterm_stops_within_two_seconds(
+        long_speech, tmp_path):
+    """The model runs on every window (VAD off) of a fast replay: the processing thread
+    never idles, yet signals are handled at once."""
+    cfg = config_file(tmp_path / "load.toml", vad={"kind": "off"},
+                      publish={"status_interval_s": 0.5})
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = Subscriber(endpoint, timeout=120)
+    sub.start()
+    proc = daemon("--config", str(cfg), "--source", f"wav:{long_speech}", "--fast",
+                  endpoint=endpoint)
+    wait_until(lambda: len(statuses(sub)) >= 3, 60, "the replay to be under way")
+    cfg.write_text("[vad]\nkind = 'sometimes'\n")
+    proc.send_signal(signal.SIGHUP)
+    before = statuses(sub)[-1]["audio_seconds"]
+    wait_until(lambda: statuses(sub)[-1]["audio_seconds"] > before + 5, 30,
+               "processing to go on after the rejected reload")
+    assert proc.poll() is None
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    assert time.monotonic() - t < 2.0
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "reload rejected" in err and "vad.kind" in err
+    sub.join(5)
+    last = statuses(sub)[-1]
+    assert last["final"] is True
+    assert 5 < last["audio_seconds"] < 600, "stopped mid-stream, not at the end of the file"
+    assert last["inferences"] > 0 and last["vad_active_ratio"] == 1.0
+
+
+class Churn(threading.Thread):
+    """Subscribers that connect, take a message or two, and leave, one after another."""
+
+    def __init__(self, endpoint: str, n: int) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.n, self.done, self.received = endpoint, n, 0, 0
+        self.ctx = zmq.Context()
+
+    def run(self) -> None:
+        for i in range(self.n):
+            s = self.ctx.socket(zmq.SUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.connect(self.endpoint)
+            if s.poll(150 + 50 * (i % 3)):
+                s.recv_multipart()
+                self.received += 1
+            s.close()
+            self.done += 1
+        self.ctx.term()
+
+
+def test_churning_subscribers_and_a_stalled_one_cost_the_pipeline_nothing(tmp_path):
+    """Realtime replay (a live source: falling behind would drop windows) while 100
+    subscribers come and go and one never reads: nothing is dropped, and the reading
+    subscriber gets every message."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = Subscriber(endpoint, timeout=90)
+    sub.start()
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 1024)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.connect(endpoint)
+    cfg = config_file(tmp_path / "churn.toml", publish={"status_interval_s": 0.2,
+                                                        "high_water_mark": 100})
+    proc = daemon("--config", str(cfg), "--source", "demo", "--realtime", endpoint=endpoint)
+    wait_until(lambda: sub.messages, 30, "the first status")
+    churn = Churn(endpoint, 100)
+    churn.start()
+    churn.join(60)
+    out, err = proc.communicate(timeout=60)
+    sub.join(10)
+    stalled.close()
+    ctx.term()
+    assert proc.returncode == 0, err
+    assert churn.done == 100 and churn.received > 50
+    last = statuses(sub)[-1]
+    assert last["final"] is True
+    assert last["dropped_windows"] == 0 and last["overruns"] == 0
+    seqs = [m["seq"] for _, m, _ in sub.messages]
+    assert seqs == list(range(len(seqs)))
+    assert last["detections"] == len(sub.detections()) >= 8
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_model_slower_than_the_hop_drops_whole_windows_loses_no_audio_and_stays_flat(
+        tmp_path):
+    """Each inference takes 250 ms, 2.5 windows' worth: the daemon skips windows (counted),
+    the ring never overflows, every sample is accounted for, memory does not grow."""
+    x = load_audio(DEMO_WAV)[: 12 * 16000]
+    wav = tmp_path / "twelve.wav"
+    write_wav(wav, x)
+    cfg = Config().validate()
+    cfg = cfg.replace(vad=dataclasses.replace(cfg.vad, kind="off"))
+    cfg = apply_overrides(cfg, Overrides(source=f"wav:{wav}", realtime=True,
+                                         publish=f"ipc://{tmp_path}/pub.sock"))
+    d = Daemon(cfg, echo=None)
+    real_predict = d.bundle.predict
+
+    def slow_predict(features):
+        time.sleep(0.25)
+        return real_predict(features)
+
+    d.bundle.predict = slow_predict
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample_memory() -> None:
+        while not stop.wait(0.25):
+            samples.append((time.monotonic(), rss_mb()))
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    t0 = time.monotonic()
+    sampler.start()
+    try:
+        assert d.run() == 0
+    finally:
+        stop.set()
+        sampler.join()
+    c = d.counters()
+    assert c["dropped_windows"] > 0.5 * (c["inferences"] + c["dropped_windows"])
+    assert c["inferences"] > 0
+    assert c["overruns"] == 0 and d.ring.overrun_samples == 0
+    assert c["audio_seconds"] == pytest.approx(12.0, abs=0.01)
+    # Paced by the source, not by the slow model: it kept up with real time.
+    assert time.monotonic() - t0 < 12 + 3
+    steady = [mb for t, mb in samples if t - t0 > 3]
+    assert max(steady) - min(steady) < 3.0, f"RSS grew: {steady}"
+
+
+def test_the_cpu_and_latency_extras_in_status_are_the_daemons_own(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=60)
+    sub.start()
+    proc = daemon("--source", "demo", "--fast", endpoint=endpoint)
+    out, err = proc.communicate(timeout=60)
+    sub.join(10)
+    assert proc.returncode == 0, err
+    first, last = statuses(sub)[0], statuses(sub)[-1]
+    assert 0 < first["cpu_seconds"] < last["cpu_seconds"]
+    assert 0 < last["inference_ms_p50"] <= last["inference_ms_p99"] < 1000
+    assert os.cpu_count()
