@@ -152,6 +152,12 @@ TOOLS = {
     "prune": ("streamkws.tools.prune", "fine- or coarse-grained pruning of a bundle"),
     "profile": ("streamkws.tools.profile", "parameters, MACs, sizes, latency; --compare"),
     "export": ("streamkws.tools.export", "TorchScript or ONNX file, checked against the bundle"),
+    "stream-eval": ("streamkws.tools.stream_eval",
+                    "recall, false alarms/hour, latency on a long recording; --build, "
+                    "calibration"),
+    "bench": ("streamkws.tools.bench",
+              "CPU per audio second, peak RSS, inference latency of the whole daemon; "
+              "openWakeWord beside it when installed"),
 }
 
 
@@ -253,6 +259,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--unknown-share", type=float, metavar="F",
                    help="share of each epoch drawn from _unknown_ (default: equal to others)")
+    t.add_argument("--shift-ms", type=float, default=150.0, metavar="MS",
+                   help="random time shift of up to MS either way (default 150); larger "
+                        "shifts teach the word off-centre, as streaming windows see it")
     t.add_argument("--reverse-as-unknown", type=float, default=0.0, metavar="P",
                    help="play this share of keyword examples backwards as _unknown_")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")

@@ -298,8 +298,8 @@ def _progress(total: int, enabled: bool):
 
 
 def config_from_args(args) -> TrainConfig:
-    aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown) if not args.no_augment \
-        else AugmentConfig.off()
+    aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown,
+                        shift_ms=args.shift_ms) if not args.no_augment else AugmentConfig.off()
     kwargs = {}
     for kv in args.arch_arg or []:
         if "=" not in kv:

@@ -1,0 +1,187 @@
+"""``streamkws stream-eval``: the daemon's own pipeline, scored on long labelled recordings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamkws.bundle import load_bundle
+from streamkws.config import Config, dumps, load, parse
+from streamkws.detect import Detection
+from streamkws.tools import stream_eval as se
+from tests.e2e import Subscriber, free_port
+
+
+def streamkws(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamkws", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def recording(data_dir, tmp_path_factory) -> Path:
+    """~1.5 min of held-out speakers: 3 of each keyword, 10 other words, real noise."""
+    out = tmp_path_factory.mktemp("se") / "rec.wav"
+    r = streamkws("stream-eval", str(out), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--noise", str(data_dir / "noise"),
+                  "--speakers", "heldout", "--per-keyword", "3", "--unknown", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["keyword_utterances"] == 30 and info["other_words"] == 10
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(recording):
+    cfg = Config().validate()
+    run = se.run_pipeline(cfg, load_bundle("default"), recording, progress=False)
+    return cfg, run, se.read_labels(recording.with_suffix(".csv"))
+
+
+def test_build_writes_a_label_row_for_every_keyword_utterance_and_none_for_other_words(recording):
+    rows = se.read_labels(recording.with_suffix(".csv"))
+    assert len(rows) == 30
+    assert {r.keyword for r in rows} == set(load_bundle("default").labels) - {"_silence_",
+                                                                               "_unknown_"}
+    assert all(0 < r.start < r.end for r in rows)
+    assert all(a.end < b.start for a, b in zip(rows, rows[1:], strict=False))
+
+
+def test_re_deciding_the_trace_reproduces_the_pipeline_detections_exactly(pipeline_run):
+    cfg, run, _ = pipeline_run
+    assert run.detections, "the default model should detect something on held-out speech"
+    assert se.decide(run, cfg.detect) == run.detections
+
+
+def test_a_higher_threshold_never_adds_detections(pipeline_run):
+    cfg, run, _ = pipeline_run
+    counts = [len(se.decide(run, dataclasses.replace(cfg.detect, threshold=t)))
+              for t in (0.5, 0.8, 0.95)]
+    assert counts == sorted(counts, reverse=True)
+
+
+def det(keyword: str, t0: float, t1: float, emit: float) -> Detection:
+    return Detection(keyword, 0.9, int(t0 * 16000), int(t1 * 16000), int(emit * 16000))
+
+
+def test_scoring_counts_hits_duplicates_substitutions_and_false_alarms():
+    truth = [se.Utterance("yes", 10.0, 10.6), se.Utterance("no", 20.0, 20.5),
+             se.Utterance("marvin", 30.0, 30.5)]
+    detections = [
+        det("yes", 9.9, 10.4, 10.7),   # hit, decided 100 ms after the word ended
+        det("yes", 10.2, 10.5, 10.9),  # the same utterance again: a duplicate
+        det("up", 20.1, 20.4, 20.6),   # wrong keyword on "no": a false alarm for "up"
+        det("go", 30.1, 30.4, 30.6),   # on a word that is not a keyword: a false alarm
+    ]
+    s = se.score(detections, truth, ["yes", "no", "up", "go"], duration_s=3600.0 + 1.1)
+    o = s["overall"]
+    assert (o["utterances"], o["hits"], o["duplicates"], o["false_alarms"]) == (2, 1, 1, 2)
+    assert o["recall"] == 0.5 and o["frr"] == 0.5
+    # False alarms per hour of audio outside keyword utterances (exactly one hour here).
+    assert o["fa_per_hour"] == pytest.approx(2.0)
+    assert s["per_keyword"]["yes"]["latency_ms"]["p50"] == pytest.approx(100.0, abs=0.1)
+    assert s["per_keyword"]["up"]["false_alarms"] == 1
+    assert s["per_keyword"]["no"]["recall"] == 0.0
+    assert [m["keyword"] for m in o["missed"]] == ["no"]
+
+
+def test_stream_eval_reports_what_the_daemon_publishes_on_the_same_recording(recording,
+                                                                             tmp_path):
+    """Same pipeline code: the detections stream-eval counts are the daemon's, to the ms."""
+    plot = tmp_path / "det.png"
+    r = streamkws("stream-eval", str(recording), "--json", "--plot", str(plot))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = Subscriber(endpoint, timeout=120)
+    sub.start()
+    daemon = subprocess.run(
+        [sys.executable, "-m", "streamkws", "run", "--source", f"wav:{recording}", "--fast",
+         "--quiet", "--publish", endpoint, "--wait-subscribers", "1"],
+        capture_output=True, text=True, timeout=120)
+    sub.join(30)
+    assert daemon.returncode == 0, daemon.stderr
+    published = [(d["keyword"], d["t_start"], d["t_end"], d["t_emit"])
+                 for d in sub.detections()]
+    counted = [(d["keyword"], d["t_start"], d["t_end"], d["t_emit"])
+               for d in report["detections"]]
+    assert counted == published
+    o = report["overall"]
+    assert o["hits"] == sum(v["hits"] for v in report["per_keyword"].values())
+    assert o["recall"] == pytest.approx(o["hits"] / o["utterances"], abs=1e-4)
+    assert len(report["detections"]) == o["hits"] + o["false_alarms"] + o["duplicates"]
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    frr = [p["frr"] for p in report["det"]]
+    fa = [p["fa_per_hour"] for p in report["det"]]
+    # Raising the threshold trades false alarms for misses.
+    assert fa[0] >= fa[-1] and frr[-1] >= frr[0]
+
+
+def test_calibration_writes_thresholds_that_meet_the_budget_on_the_negative_recording(
+        data_dir, tmp_path):
+    neg = tmp_path / "neg.wav"
+    r = streamkws("stream-eval", str(neg), "--build", "--negative", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--noise",
+                  str(data_dir / "noise"), "--unknown", "60", "--gap", "0.5:1.0")
+    assert r.returncode == 0, r.stderr
+    tuned = tmp_path / "tuned.toml"
+    r = streamkws("stream-eval", str(neg), "--negative", "--target-fa-per-hour", "20",
+                  "--write-config", str(tuned), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    cal = report["calibration"]
+    cfg = load(tuned)  # the daemon's own loader accepts the file
+    assert cfg.detect.thresholds == cal["thresholds"]
+    assert set(cal["thresholds"]) == set(report["per_keyword"])
+    assert all(0.5 <= t <= 1.0 for t in cal["thresholds"].values())
+    assert cal["met"] and cal["overall"]["fa_per_hour"] <= 20
+    # Evaluated again as the daemon will run it, the tuned config keeps within budget.
+    r = streamkws("stream-eval", str(neg), "--negative", "--config", str(tuned), "--json")
+    again = json.loads(r.stdout)
+    assert again["overall"]["fa_per_hour"] <= 20
+    assert again["overall"]["false_alarms"] <= report["overall"]["false_alarms"]
+
+
+def test_calibrated_thresholds_are_the_lowest_that_fit_each_keywords_share(pipeline_run):
+    cfg, run, truth = pipeline_run
+    cal = se.calibrate(run, truth, cfg.detect, target_fa_per_hour=1e-6, progress=False)
+    grid = [t for t in se.THRESHOLDS if t >= 0.5]
+    for kw, t in cal["thresholds"].items():
+        fa = se._keyword_false_alarms(run, truth, cfg.detect, kw, t)
+        assert fa == 0 or t == grid[-1]
+        if t > grid[0] and fa == 0:  # one step lower would have raised a false alarm
+            lower = grid[grid.index(t) - 1]
+            assert se._keyword_false_alarms(run, truth, cfg.detect, kw, lower) > 0
+
+
+def test_config_dump_reads_back_to_the_same_config():
+    cfg = Config().validate()
+    cfg = cfg.replace(detect=dataclasses.replace(cfg.detect, thresholds={"yes": 0.91, "go": 0.7}))
+    import tomllib
+
+    assert parse(tomllib.loads(dumps(cfg, header="a\nb"))) == cfg
+
+
+@pytest.mark.parametrize("content, message", [
+    ("word,begin\nyes,1\n", "needs a header 'keyword,start,end'"),
+    ("keyword,start,end\nyes,abc,2\n", ":2: expected keyword,start,end"),
+    ("keyword,start,end\nyes,3,2\n", "0 <= start < end"),
+])
+def test_a_bad_label_file_is_one_error_line_naming_the_file(recording, tmp_path, content,
+                                                            message):
+    labels = tmp_path / "bad.csv"
+    labels.write_text(content)
+    r = streamkws("stream-eval", str(recording), "--labels", str(labels))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr and str(labels) in r.stderr
+
+
+def test_a_recording_without_labels_needs_negative(tmp_path, recording):
+    lone = tmp_path / "lone.wav"
+    lone.write_bytes(recording.read_bytes())
+    r = streamkws("stream-eval", str(lone))
+    assert r.returncode == 2 and "--negative" in r.stderr
