@@ -38,6 +38,7 @@ class RingBuffer:
         # stream arrives in 20-ms blocks, but a window needs 100 ms; waking five times per
         # window would cost more than the front end itself on silence.
         self._want = 1
+        self._space_want = 1  # producer-owned: free room that makes waking it worthwhile
         self.overruns = 0
         """Writes that did not fit whole (the capture side outran the consumer)."""
         self.overrun_samples = 0
@@ -73,8 +74,12 @@ class RingBuffer:
                     break
                 if stop is not None and stop.is_set():
                     break
+                # Wait for room for a good part of the ring, not for the next read: a
+                # file replayed faster than it is processed would otherwise trade a
+                # thread wake-up for every chunk the consumer takes.
+                self._space_want = min(len(samples) - kept + self.capacity // 4, self.capacity)
                 self._space.clear()
-                if self.capacity - (self._written - self._read) <= 0:
+                if self.capacity - (self._written - self._read) < self._space_want:
                     self._space.wait(0.05)
                 continue
             n = min(free, len(samples) - kept)
@@ -165,7 +170,8 @@ class RingBuffer:
         if first < n:
             out[first:] = self._buf[: n - first]
         self._read += n
-        self._space.set()
+        if self.capacity - (self._written - self._read) >= self._space_want:
+            self._space.set()
         chunk = Chunk(out, self._next_out)
         self._next_out += n
         return chunk
