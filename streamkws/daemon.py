@@ -259,6 +259,7 @@ class Daemon:
                 stall_timeout_s=self.cfg.audio.stall_timeout_s, rescan=refresh_devices)
             self.supervisor.start()
         else:
+            self.source.on_finished = self.ring.wake
             self.source.start(sink)
         log.info("listening on %s with model %s; publishing on %s", self.source.name,
                  self.bundle.name, self.publisher.endpoint)
@@ -267,9 +268,12 @@ class Daemon:
         next_status = time.monotonic() + self.cfg.publish.status_interval_s
         watchdog = self._watchdog_pacer()
         hop = self.cfg.windows.hop_ms * SAMPLE_RATE // 1000
-        # Stop and reload requests wake the read below; the timeout only paces status
-        # messages and the watchdog.
-        wait = min(0.25, watchdog.interval / 2) if watchdog is not None else 0.25
+        # Audio (a window hop's worth), stop and reload requests and the end of a file
+        # all wake the read below; its timeout only paces status messages, the watchdog
+        # and the polling of a microphone being retried.
+        idle_wait = min(1.0, self.cfg.publish.status_interval_s)
+        if watchdog is not None:
+            idle_wait = min(idle_wait, watchdog.interval / 2)
         rc = 0
         while not self._stop.is_set():
             if self._reload.is_set():
@@ -278,8 +282,9 @@ class Daemon:
             # A live stream is read a window hop at a time: windows cannot complete
             # sooner, and waking for every capture block would cost more than the work.
             whole_hops = self.live and not self.source.finished.is_set()
+            retrying = self.supervisor is not None and self.supervisor.state == RETRYING
             chunk = self.ring.read(max_samples=hop, min_samples=hop if whole_hops else 1,
-                                   timeout=wait)
+                                   timeout=min(idle_wait, 0.25) if retrying else idle_wait)
             if chunk is not None:
                 newest = self.ring.write_position if self.live else None
                 for det in self.pipeline.process(chunk, newest):

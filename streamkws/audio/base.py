@@ -35,6 +35,9 @@ class AudioSource(abc.ABC):
         """Unix time at which the stream's first sample counts as captured."""
         self.error: BaseException | None = None
         self.samples_delivered = 0
+        self.on_finished: Callable[[], object] | None = None
+        """Called (from the capture context) once a file or stdin stream has ended, so a
+        consumer waiting for audio need not poll to notice."""
 
     @abc.abstractmethod
     def start(self, sink: Sink) -> None:
@@ -106,6 +109,8 @@ class ThreadedSource(AudioSource):
             self.error = exc
         finally:
             self.finished.set()
+            if self.on_finished is not None:
+                self.on_finished()
 
     def stop(self) -> None:
         self._stop.set()
