@@ -21,9 +21,12 @@ time, while ``audio_seconds`` still counts only samples actually heard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from streamkws import SAMPLE_RATE
 from streamkws.audio.base import AudioSource, Sink
@@ -31,6 +34,27 @@ from streamkws.audio.chunk import Chunk
 from streamkws.errors import AudioError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(enabled: bool) -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for a moment (C libraries write there directly).
+
+    Only used on the processing thread while the device is closed, when no other thread
+    has anything to say on stderr."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 OK = "ok"
 RETRYING = "retrying"
@@ -173,6 +197,15 @@ class SourceSupervisor:
         return self._end + (max(1, outage) if self._heard_any else outage)
 
     def _attempt(self, now: float, first: bool = False) -> None:
+        # Each failed open makes ALSA and PortAudio print about a dozen lines straight to
+        # stderr (not through logging). The first failure keeps them, as diagnosis; the
+        # repeats would flood the journal every few seconds for as long as the device is
+        # away, so they are dropped unless debug logging is on.
+        quiet = not first and self.state == RETRYING and not log.isEnabledFor(logging.DEBUG)
+        with _native_stderr_silenced(quiet):
+            self._try_open(now, first)
+
+    def _try_open(self, now: float, first: bool) -> None:
         if not first:
             self.retries += 1
             if self._rescan is not None:
