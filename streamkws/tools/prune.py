@@ -722,7 +722,7 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
     weights remain exactly zero whatever the optimiser does.
     """
     from streamkws.tools.augment import AugmentConfig
-    from streamkws.tools.train import BatchMaker, balanced_epoch
+    from streamkws.tools.train import BatchMaker, balanced_epoch, train_epoch
 
     if len(data.train_y) == 0:
         raise StreamKWSError(f"{cfg.data}: no training clips to fine-tune on")
@@ -745,22 +745,13 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
     best = (before, 0, copy.deepcopy(model.state_dict()))
     history = []
     for epoch in range(cfg.finetune):
-        model.train()
         order = balanced_epoch(data.train_y, rng, unknown)
-        losses = []
-        for b in range(steps):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            feats, y = make_batch(idx, rng)
-            loss = loss_fn(model(feats), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        loss = train_epoch(model, order, cfg.batch_size, steps, make_batch, rng, loss_fn, opt,
+                           sched)
         acc = accuracy(model, data.val_feats, data.val_y)
-        history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+        history.append({"epoch": epoch + 1, "loss": round(loss, 4),
                         "accuracy": round(acc, 4)})
-        _say(cfg, f"fine-tune epoch {epoch + 1}/{cfg.finetune}: loss {np.mean(losses):.4f}, "
+        _say(cfg, f"fine-tune epoch {epoch + 1}/{cfg.finetune}: loss {loss:.4f}, "
                   f"accuracy {acc:.4f}")
         if acc > best[0]:
             best = (acc, epoch + 1, copy.deepcopy(model.state_dict()))

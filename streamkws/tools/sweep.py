@@ -770,6 +770,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
         evaluate_arrays,
         prepare_data,
         seed_everything,
+        train_epoch,
     )
 
     _require_float(bundle)
@@ -826,23 +827,13 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     best = {"accuracy": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history = [{"epoch": 0, "loss": None, "val_accuracy_fixed_point": acc0}]
     for epoch in range(epochs):
-        sim.train()
         order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
-        losses = []
-        for b in range(steps):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            feats, targets = make_batch(idx, rng)
-            loss = loss_fn(sim(feats), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        loss = train_epoch(sim, order, cfg.batch_size, steps, make_batch, rng, loss_fn, opt,
+                           sched)
         acc = val_accuracy()
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                        "val_accuracy_fixed_point": acc})
+        history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy_fixed_point": acc})
         log.info("QAT epoch %d: loss %.4f, fixed-point validation accuracy %.4f",
-                 epoch + 1, np.mean(losses), acc)
+                 epoch + 1, loss, acc)
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
                     "state": copy.deepcopy(model.state_dict())}

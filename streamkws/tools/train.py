@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +188,30 @@ class BatchMaker:
         return torch.from_numpy(feats), torch.from_numpy(targets)
 
 
+def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int,
+                make_batch: Callable, rng: np.random.Generator, loss_fn: nn.Module,
+                opt: torch.optim.Optimizer, sched, on_step: Callable[[], object] | None = None,
+                ) -> float:
+    """One pass of ``steps`` batches taken in ``order``; returns the mean training loss.
+
+    Training, pruning's fine-tune and quantization-aware fine-tuning all step this way, so
+    a change to how a step is taken reaches all three."""
+    model.train()
+    losses = []
+    for b in range(steps):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        feats, targets = make_batch(idx, rng)
+        loss = loss_fn(model(feats), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step()
+    return float(np.mean(losses))
+
+
 def train(cfg: TrainConfig) -> Bundle:
     """Train, keep the best model by validation accuracy, write it to ``cfg.out``."""
     from streamkws.models import build_model
@@ -219,27 +244,15 @@ def train(cfg: TrainConfig) -> Bundle:
     ckpt = cfg.out.with_name(cfg.out.name + ".ckpt")
     bar = _progress(cfg.epochs * steps_per_epoch, cfg.progress)
     for epoch in range(cfg.epochs):
-        model.train()
         order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
-        losses = []
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            feats, targets = make_batch(idx, rng)
-            logits = model(feats)
-            loss = loss_fn(logits, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
+        loss = train_epoch(model, order, cfg.batch_size, steps_per_epoch, make_batch, rng,
+                           loss_fn, opt, sched, on_step=lambda: bar.update(1))
         probs = evaluate_arrays(model, val_feats[:, :n_frames])
         acc = float((probs.argmax(1) == val_s.y).mean())
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": acc})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val=f"{acc:.3f}",
+        history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc})
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.3f}",
                         best=f"{max(acc, best['accuracy']):.3f}")
-        log.info("epoch %d: loss %.4f, validation accuracy %.4f", epoch + 1,
-                 np.mean(losses), acc)
+        log.info("epoch %d: loss %.4f, validation accuracy %.4f", epoch + 1, loss, acc)
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
