@@ -82,13 +82,9 @@ def format_report(m: dict) -> str:
 
 
 def plot_confusion(m: dict, path: str | Path) -> None:
-    try:
-        import matplotlib
+    from streamkws.tools import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreamKWSError("--plot needs matplotlib (pip install 'streamkws[train]')") from None
+    plt = pyplot()
     conf = np.array(m["confusion"], dtype=float)
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     labels = m["labels"]

@@ -85,10 +85,9 @@ def expand_paths(specs: list[str]) -> list[Path]:
 
 
 def plot_prediction(bundle: Bundle, pred: Prediction, out: Path) -> None:
-    import matplotlib
+    from streamkws.tools import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     crop, _ = centre_on_speech(load_audio(pred.path))
     feats = LogMel(bundle.frontend)(crop)

@@ -179,10 +179,9 @@ def format_report(r: dict, limit_mb: float) -> str:
 
 
 def plot_memory(r: dict, path: str | Path) -> None:
-    import matplotlib
+    from streamkws.tools import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = [a / 3600 for a, _ in r["memory"]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -209,6 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        return _soak_main(args)
+    except StreamKWSError as exc:
+        print(f"soak: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _soak_main(args: argparse.Namespace) -> int:
+    if args.plot:
+        from streamkws.tools import pyplot
+
+        pyplot()  # before two hours of audio, not after
     audio = args.audio
     if audio is None:
         from streamkws.tools.bench import build_speech

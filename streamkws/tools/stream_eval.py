@@ -535,13 +535,9 @@ def _ms(x: float | None) -> str:
 
 def plot_det(report: dict, path: str | Path) -> None:
     """False-reject rate against false alarms per hour: lower left is better."""
-    try:
-        import matplotlib
+    from streamkws.tools import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreamKWSError("--plot needs matplotlib (pip install 'streamkws[train]')") from None
+    plt = pyplot()
     pts = report["det"]
     floor = 0.5 / max(report["non_keyword_hours"], 1e-9)  # half of one false alarm
     fig, ax = plt.subplots(figsize=(7, 5))
