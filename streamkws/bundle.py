@@ -149,17 +149,18 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the stored weights (quantized tensors count at their integer width)."""
     total = 0
     for v in model.state_dict().values():
-        tensors = _tensors_in(v)
+        tensors = tensors_in(v)
         for t in tensors:
             total += t.numel() * t.element_size()
     return total
 
 
-def _tensors_in(v: object) -> list[torch.Tensor]:
+def tensors_in(v: object) -> list[torch.Tensor]:
+    """The tensors in a value, looking inside tuples and lists (a module's state or I/O)."""
     if isinstance(v, torch.Tensor):
         return [v]
     if isinstance(v, tuple | list):
-        return [t for x in v for t in _tensors_in(x)]
+        return [t for x in v for t in tensors_in(x)]
     return []
 
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamkws.bundle import BUNDLED, Bundle, load_bundle, weight_bytes
+from streamkws.bundle import BUNDLED, Bundle, load_bundle, tensors_in, weight_bytes
 from streamkws.errors import StreamKWSError
 from streamkws.models.quant import quiet_ao_deprecation
 
@@ -99,14 +99,6 @@ def conv_macs(in_channels: int, out_channels: int, kernel: Sequence[int], groups
     """MACs of one convolution: each output element sums ``in_channels / groups * kernel``
     products (stride, padding and dilation enter through the output size)."""
     return out_channels * math.prod(out_spatial) * (in_channels // groups) * math.prod(kernel)
-
-
-def _tensors(obj: object) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, tuple | list):
-        return [t for x in obj for t in _tensors(x)]
-    return []
 
 
 def _buffer_key(t: torch.Tensor) -> tuple:
@@ -154,7 +146,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> Counts:
         return any(True for _ in m.parameters(recurse=False)) or hasattr(m, "_packed_params")
 
     def hook(m: nn.Module, inputs: tuple, output: object) -> None:
-        ins, outs = _tensors(inputs), _tensors(output)
+        ins, outs = tensors_in(inputs), tensors_in(output)
         macs = 0
         if isinstance(m, transposed):
             # Every input element is scattered over out_channels / groups * kernel outputs.
