@@ -16,6 +16,7 @@ peak RSS, latency of each ``predict`` call), and the ratio is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import socket
@@ -64,18 +65,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.minutes < 1 or args.repeats < 1:
         raise StreamKWSError("--minutes must be >= 1 and --repeats >= 1")
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="streamkws-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=True)
+        else:  # ~40 MB of recordings: not left behind unless asked for
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="streamkws-bench-")))
+        report = _bench(args, work)
+        report["recordings_kept"] = bool(args.workdir)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _bench(args: argparse.Namespace, work: Path) -> dict:
     speech = args.audio or build_speech(args.data, work / "speech.wav", args.minutes)
     if not speech.is_file():
         raise StreamKWSError(f"{speech}: no such recording")
     silence = build_silence(args.data / "noise", work / "silence.wav", args.minutes)
     peer_python = _peer_python(args)
+    configs = {vad: _config_with(args.config, vad, work / f"bench-vad-{vad or 'config'}.toml")
+               for vad in (None, "off")}
     cases = [("speech", speech, "off"), ("speech", speech, None), ("silence", silence, None),
              ("silence", silence, "off")]
     results = []
     for audio_name, path, vad in cases:
-        runs = [run_daemon(path, args.config, args.model, vad) for _ in range(args.repeats)]
+        runs = [run_daemon(path, configs[vad], args.model) for _ in range(args.repeats)]
         results.append({"system": "streamkws", "audio": audio_name,
                         "vad": "off" if vad == "off" else "config", **_median(runs)})
         log.info("streamkws %s vad=%s: %s", audio_name, vad, results[-1])
@@ -86,15 +104,10 @@ def run(args: argparse.Namespace) -> int:
                             "vad": "none", **_median(runs)})
     idle = None
     if args.idle_seconds > 0:
-        idle = run_daemon(silence, args.config, args.model, None, realtime_for=args.idle_seconds)
-    report = {"speech": str(speech), "silence": str(silence),
-              "silence_dbfs": SILENCE_DBFS, "repeats": args.repeats,
-              "results": results, "idle_realtime": idle, "verdict": verdict(results, idle)}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-    return 0
+        idle = run_daemon(silence, configs[None], args.model, realtime_for=args.idle_seconds)
+    return {"speech": str(speech), "silence": str(silence),
+            "silence_dbfs": SILENCE_DBFS, "repeats": args.repeats,
+            "results": results, "idle_realtime": idle, "verdict": verdict(results, idle)}
 
 
 # -- recordings ----------------------------------------------------------------------------------
@@ -136,7 +149,7 @@ def build_silence(noise_dir: Path, out: Path, minutes: float) -> Path:
 # -- the daemon ----------------------------------------------------------------------------------
 
 
-def run_daemon(audio: Path, config: str | None, model: str | None, vad: str | None,
+def run_daemon(audio: Path, config: Path, model: str | None = None,
                realtime_for: float | None = None) -> dict:
     """One ``streamkws run`` child on ``audio``; its cost from its own status messages."""
     import zmq
@@ -144,8 +157,7 @@ def run_daemon(audio: Path, config: str | None, model: str | None, vad: str | No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    cfg_path = _config_with(config, vad, Path(tempfile.mkdtemp(prefix="streamkws-cfg-")))
-    cmd = [sys.executable, "-m", "streamkws", "run", "--config", str(cfg_path),
+    cmd = [sys.executable, "-m", "streamkws", "run", "--config", str(config),
            "--source", f"wav:{audio}", "--publish", endpoint, "--quiet",
            "--wait-subscribers", "1", "--realtime" if realtime_for else "--fast"]
     if model:
@@ -238,7 +250,7 @@ def vm_hwm_kb(pid: int) -> int:
     return proc_status_kb(pid, "VmHWM")
 
 
-def _config_with(config: str | None, vad: str | None, folder: Path) -> Path:
+def _config_with(config: str | None, vad: str | None, path: Path) -> Path:
     """The config to bench as a file: the user's (or built-in) one, VAD switched if asked."""
     import dataclasses
 
@@ -247,7 +259,6 @@ def _config_with(config: str | None, vad: str | None, folder: Path) -> Path:
     cfg = load_default(config)
     if vad is not None:
         cfg = cfg.replace(vad=dataclasses.replace(cfg.vad, kind=vad))
-    path = folder / "bench.toml"
     path.write_text(dumps(cfg, header="written by streamkws bench"))
     return path
 
@@ -366,9 +377,10 @@ def format_report(r: dict) -> str:
                     f"{_f(x['inference_ms_p99']):>7} {x['inferences']:>10}")
     v = r["verdict"]
     speech_s = next((x["audio_seconds"] for x in r["results"] if x["audio"] == "speech"), 0)
+    kept = "" if r.get("recordings_kept", True) else " (built, then removed: --workdir keeps them)"
     rows.append(f"speech: {r['speech']} ({speech_s / 60:.1f} min); silence: room noise at "
-                f"{r['silence_dbfs']:g} dBFS; medians of {r['repeats']} runs; fast replay, "
-                "publishing to a ZeroMQ subscriber")
+                f"{r['silence_dbfs']:g} dBFS{kept}; medians of {r['repeats']} runs; fast "
+                "replay, publishing to a ZeroMQ subscriber")
     if "ratio_vad_on_to_peer" in v:
         rows.append(f"streamkws / openWakeWord CPU: {v['ratio_vad_on_to_peer']:.2f} with the VAD "
                     f"on, {v['ratio_vad_off_to_peer']:.2f} with it off (target <= 0.5: "

@@ -69,8 +69,8 @@ def soak(audio: Path, hours: float, warmup_minutes: float, config: str | None = 
     x = load_audio(audio)
     pcm = (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()
     total = int(hours * 3600 * SAMPLE_RATE) * 2
-    ipc = Path(tempfile.mkdtemp(prefix="streamkws-soak-")) / "pub.sock"
-    endpoint = f"ipc://{ipc}"
+    sock_dir = tempfile.TemporaryDirectory(prefix="streamkws-soak-")
+    endpoint = f"ipc://{sock_dir.name}/pub.sock"
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -115,6 +115,7 @@ def soak(audio: Path, hours: float, warmup_minutes: float, config: str | None = 
         sub.close()
     proc.wait(timeout=30)
     reader.join(5)
+    sock_dir.cleanup()
     if feeder.error is not None:
         raise StreamKWSError(f"feeding the daemon failed: {feeder.error}")
     return analyse(messages, memory, feeder.written, warmup_minutes, proc.returncode,
@@ -220,12 +221,13 @@ def _soak_main(args: argparse.Namespace) -> int:
         from streamkws.tools import pyplot
 
         pyplot()  # before two hours of audio, not after
-    audio = args.audio
-    if audio is None:
-        from streamkws.tools.bench import build_speech
+    with tempfile.TemporaryDirectory(prefix="streamkws-soak-") as tmp:
+        audio = args.audio
+        if audio is None:
+            from streamkws.tools.bench import build_speech
 
-        audio = build_speech(args.data, Path(tempfile.mkdtemp()) / "speech.wav", 10.0)
-    r = soak(audio, args.hours, args.warmup_minutes, args.config, progress=not args.json)
+            audio = build_speech(args.data, Path(tmp) / "speech.wav", 10.0)
+        r = soak(audio, args.hours, args.warmup_minutes, args.config, progress=not args.json)
     growth_ok = r["rss_growth_mb"] is not None and r["rss_growth_mb"] <= args.max_growth_mb
     r["checks"]["rss_growth_within_limit"] = growth_ok
     if args.plot:
