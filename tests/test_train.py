@@ -100,6 +100,14 @@ def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
     assert len(err) == 1 and "no such model bundle" in err[0]
 
 
+@pytest.mark.parametrize("shift", ["-5", "600"])
+def test_a_time_shift_outside_the_clip_is_refused_by_name(capsys, tmp_path, shift):
+    assert main(["train", "--data", str(tmp_path), "--shift-ms", shift,
+                 "--out", str(tmp_path / "m.skw")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shift-ms must be within 0..500" in err[0]
+
+
 def test_predict_centres_the_word_before_classifying(tiny_bundle, speech_dir, tmp_path,
                                                      capsys):
     from streamkws.audio.wav import load_audio

@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, work: Path) -> dict:
+    peer_python = _peer_python(args)  # before minutes of building, if it is missing
     speech = args.audio or build_speech(args.data, work / "speech.wav", args.minutes)
     if not speech.is_file():
         raise StreamKWSError(f"{speech}: no such recording")
     silence = build_silence(args.data / "noise", work / "silence.wav", args.minutes)
-    peer_python = _peer_python(args)
     configs = {vad: _config_with(args.config, vad, work / f"bench-vad-{vad or 'config'}.toml")
                for vad in (None, "off")}
     cases = [("speech", speech, "off"), ("speech", speech, None), ("silence", silence, None),

@@ -311,6 +311,9 @@ def _progress(total: int, enabled: bool):
 
 
 def config_from_args(args) -> TrainConfig:
+    if not 0 <= args.shift_ms <= 500:
+        raise StreamKWSError(f"--shift-ms must be within 0..500 (got {args.shift_ms:g}); "
+                             "a clip is 1000 ms")
     aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown,
                         shift_ms=args.shift_ms) if not args.no_augment else AugmentConfig.off()
     kwargs = {}
