@@ -222,11 +222,11 @@ class Daemon:
         for section in ("audio", "publish"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("[%s] changes take effect only after a restart", section)
-        # Counters carry over so status stays monotonic across reloads.
         # The last window or two still held by the old front end are decided by the old
         # configuration: a reload never loses a word.
         for det in self.pipeline.flush():
             self._publish_detection(det)
+        # Counters carry over so status stays monotonic across reloads.
         pipeline.inferences = self.pipeline.inferences
         pipeline.dropped_windows = self.pipeline.dropped_windows
         pipeline.samples = self.pipeline.samples
