@@ -7,8 +7,10 @@ import pytest
 
 from streamkws.bundle import BUNDLED_DIR, load_bundle
 from streamkws.cli import main
+from streamkws.config import DetectConfig
 from streamkws.data import DEFAULT_LABELS
 from streamkws.features import FrontEndConfig
+from streamkws.tools.make_default import threshold_note
 
 
 def test_default_is_int8_small_and_has_the_twelve_classes():
@@ -31,6 +33,20 @@ def test_the_model_card_states_the_validation_figures():
     card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
     acc = load_bundle("default").meta["metrics"]["validation"]["accuracy"]
     assert f"{acc:.4f}" in card and "CC BY 4.0" in card
+
+
+def test_the_model_card_describes_the_shipped_threshold_within_one_false_alarm_per_5_min():
+    """The card is regenerated whenever the model or the default threshold changes."""
+    card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
+    assert f"At the default `detect.threshold` ({DetectConfig().threshold}):" in card
+    assert "within the target of one" in card
+
+
+def test_the_card_says_plainly_when_the_threshold_misses_the_target():
+    rows = [(0.7, 0.9, 81, 90, 12, 10.0), (0.75, 0.85, 77, 90, 3, 10.0)]
+    note = threshold_note(rows)
+    assert "(0.75): recall 0.850 with 1.50 false alarms per 5 minutes, above" in note
+    assert "not in the table" in threshold_note(rows[:1])
 
 
 def test_evaluate_default_on_the_real_test_layout(speech_dir, capsys):
