@@ -46,46 +46,34 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = (1, 2, 
 
     Each stream holds 30 keywords and 45 other words of validation-split speakers over real
     noise (``streams.heldout_stream``); the end-to-end test uses seed 0, kept out of this.
+    Each runs once through the daemon's pipeline (``stream_eval``), then every threshold
+    is re-decided with its smoother.
     """
+    import dataclasses
     import tempfile
 
-    from streamkws.audio.chunk import Chunk
-    from streamkws.audio.wav import load_audio
-    from streamkws.config import Config, DetectConfig
-    from streamkws.detect import Smoother
-    from streamkws.frontend import FrontEnd
-    from streamkws.tools.streams import heldout_stream, score
+    from streamkws.config import Config
+    from streamkws.tools.stream_eval import Utterance, decide, keywords_of, run_pipeline, score
+    from streamkws.tools.streams import heldout_stream
 
     cfg = Config().validate()
     streams = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            wav, truth = heldout_stream(data, Path(tmp) / f"{seed}.wav", 3, 45, seed=seed)
-            x = load_audio(wav)
-            fe = FrontEnd(cfg.frontend, cfg.vad, cfg.windows.hop_frames(cfg.frontend))
-            windows = []
-            for i in range(0, len(x), 1600):
-                for gw in fe.process(Chunk(x[i : i + 1600], i)):
-                    probs = bundle.predict(gw.window.features) if gw.open else None
-                    windows.append((gw.window.start, gw.window.end, probs))
-            streams.append((windows, truth))
+            wav, placed = heldout_stream(data, Path(tmp) / f"{seed}.wav", 3, 45, seed=seed)
+            truth = [Utterance(p.word, p.start, p.end) for p in placed]
+            streams.append((run_pipeline(cfg, bundle, wav, progress=False), truth))
     rows = []
     for thr in thresholds:
+        detect = dataclasses.replace(cfg.detect, threshold=thr, thresholds={})
         hits = utterances = false = 0
         minutes = 0.0
-        for windows, truth in streams:
-            sm = Smoother(bundle.labels, DetectConfig(threshold=thr))
-            dets = []
-            for start, end, probs in windows:
-                d = sm.push(probs, start, end)
-                if d is not None:
-                    dets.append({"keyword": d.keyword, "t_start": d.start / 16000,
-                                 "t_end": d.end / 16000})
-            sc = score(dets, truth)
-            hits += sc["hits"]
-            utterances += sc["utterances"]
-            false += len(sc["false"])
-            minutes += sc["non_keyword_minutes"]
+        for run, truth in streams:
+            s = score(decide(run, detect), truth, keywords_of(run, detect), run.duration)
+            hits += s["overall"]["hits"]
+            utterances += s["overall"]["utterances"]
+            false += s["overall"]["false_alarms"]
+            minutes += s["non_keyword_hours"] * 60.0
         rows.append((thr, hits / utterances, hits, utterances, false, minutes))
     return rows
 
