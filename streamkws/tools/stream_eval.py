@@ -297,9 +297,8 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
           negative: bool, min_contrast_db: float) -> dict:
     """A recording of labelled clips at random spacing over real noise, and its label file
     (keyword utterances only; other words are in it as distractors)."""
-    from streamkws.audio.wav import load_audio
     from streamkws.data import SILENCE, UNKNOWN, load_dataset, load_noise, speaker_split
-    from streamkws.tools.streams import build_stream, speech_contrast_db, write_labels, write_wav
+    from streamkws.tools.streams import audible, build_stream, write_labels, write_wav
 
     ds = None
     for d in data:
@@ -313,13 +312,10 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
     rng = np.random.default_rng(seed)
     keywords = sorted({it.label for it in ds.items} - {SILENCE, UNKNOWN})
 
-    def audible(items: list) -> list:
-        return [it for it in items if speech_contrast_db(load_audio(it.path)) >= min_contrast_db]
-
     clips: list[tuple[str, Path]] = []
     if not negative:
         for kw in keywords:
-            items = audible([it for it in ds.items if it.label == kw])
+            items = audible([it for it in ds.items if it.label == kw], min_contrast_db)
             clips += [(kw, it.path) for it in _draw(items, per_keyword, rng, f"'{kw}'")]
     others = [it for it in ds.items if it.label == UNKNOWN]
     clips += [(it.word, it.path) for it in _draw(others, unknown, rng, "other words")]

@@ -51,6 +51,12 @@ def speech_contrast_db(x: np.ndarray, frame: int = 160) -> float:
     return float(e.max() - np.percentile(e, 10))
 
 
+def audible(items: list, min_contrast_db: float = 20.0) -> list:
+    """The dataset items whose word stands at least ``min_contrast_db`` above their own
+    background: a near-silent clip placed in a stream would be an unfair miss."""
+    return [it for it in items if speech_contrast_db(load_audio(it.path)) >= min_contrast_db]
+
+
 def build_stream(
     clips: list[tuple[str, Path]],
     noise: list[np.ndarray],
@@ -146,9 +152,6 @@ def heldout_stream(data_dir: Path, out: Path, n_per_keyword: int = 3, n_unknown:
     validation split), shuffled with other words, over the real noise recordings."""
     _, val = speaker_split(load_dataset(data_dir / "speech_commands_v2_real"), 0.15, 0)
     rng = np.random.default_rng(seed)
-    def audible(items):
-        return [it for it in items if speech_contrast_db(load_audio(it.path)) >= 20.0]
-
     clips = []
     for kw in KEYWORDS:
         items = audible([it for it in val.items if it.label == kw])
