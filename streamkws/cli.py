@@ -15,11 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streamkws import __version__
-from streamkws.errors import StreamKWSError
+from streamkws.errors import EXIT_USER_ERROR, StreamKWSError
 
 log = logging.getLogger("streamkws")
-
-EXIT_USER_ERROR = 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -4,6 +4,17 @@ The CLI turns these into one line on stderr and a non-zero exit; anything else i
 and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+"""Exit status for an error the user can fix (argparse uses the same for bad arguments)."""
+
+_A = TypeVar("_A")
+
 
 class StreamKWSError(Exception):
     """A problem with the user's input, files, devices or configuration."""
@@ -27,3 +38,14 @@ class ConfigFileError(ConfigError):
 
 class AudioError(StreamKWSError):
     """Audio that cannot be read or a device that cannot be opened."""
+
+
+def exit_status(prog: str, func: Callable[[_A], int], arg: _A) -> int:
+    """``func(arg)``'s exit status, with a :class:`StreamKWSError` reported as one line
+    ``<prog>: error: <message>`` on stderr and :data:`EXIT_USER_ERROR`, for the tools run
+    with ``python -m`` outside the ``streamkws`` command."""
+    try:
+        return func(arg)
+    except StreamKWSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -11,12 +11,11 @@ both on the bundle's own speaker-disjoint validation split, times them, and writ
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
 from streamkws.data import ClipCache, load_dataset, speaker_split
-from streamkws.errors import StreamKWSError
+from streamkws.errors import exit_status
 from streamkws.models.quant import quantize_dynamic
 from streamkws.tools.evaluate import metrics_from_predictions, predict_clips
 
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=BUNDLED_DIR)
     args = ap.parse_args(argv)
-    try:
-        return _make_default(args)
-    except StreamKWSError as exc:
-        print(f"make_default: error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status("make_default", _make_default, args)
 
 
 def _make_default(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from streamkws import SAMPLE_RATE
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, exit_status
 from streamkws.tools.bench import proc_status_kb, receive
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        return _soak_main(args)
-    except StreamKWSError as exc:
-        print(f"soak: error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status("soak", _soak_main, args)
 
 
 def _soak_main(args: argparse.Namespace) -> int:
