@@ -251,7 +251,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     t.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of speakers held out for validation")
-    t.add_argument("--seed", type=int, default=0, help="makes a run repeatable")
+    t.add_argument("--seed", type=int, default=0,
+                   help="initialisation, batch order and augmentation: makes a run repeatable")
+    t.add_argument("--split-seed", type=int, default=0, metavar="N",
+                   help="which speakers are held out for validation (default 0, the split "
+                        "`stream-eval --speakers heldout` builds from); --seed leaves it alone")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     t.add_argument("--max-minutes", type=float, help="stop after this much training time")
     t.add_argument("--no-augment", action="store_true")

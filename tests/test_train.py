@@ -12,7 +12,7 @@ from streamkws.bundle import load_bundle
 from streamkws.cli import main
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig
-from streamkws.tools.train import TrainConfig, train
+from streamkws.tools.train import TrainConfig, prepare_data, train
 
 
 def test_training_writes_a_loadable_bundle_with_its_metadata(tiny_bundle):
@@ -42,6 +42,24 @@ def test_a_seeded_run_is_repeatable(small_data, tmp_path):
 
     a, b = run("a.skw"), run("b.skw")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _split_config(data, **kw):
+    return TrainConfig(data=[data], out=None, val_fraction=0.3, progress=False,
+                       labels=("yes", "no", "_unknown_", "_silence_"), **kw)
+
+
+def _validation_speakers(cfg):
+    _, val, _, _ = prepare_data(cfg)
+    return val.ds.speakers()
+
+
+def test_seed_leaves_the_held_out_speakers_alone_and_split_seed_moves_them(small_data):
+    a = _validation_speakers(_split_config(small_data, seed=1))
+    b = _validation_speakers(_split_config(small_data, seed=2))
+    c = _validation_speakers(_split_config(small_data, seed=1, split_seed=9))
+    assert a and a == b
+    assert c != a
 
 
 def test_evaluate_json_reports_accuracy_per_class_and_confusion(tiny_bundle, small_data,

@@ -32,7 +32,7 @@ def latency_ms(bundle: Bundle, runs: int = 300) -> tuple[float, float]:
 
 def validation_metrics(bundle: Bundle, data: Path) -> dict:
     t = bundle.meta["training"]
-    seed = t["seed"]
+    seed = t.get("split_seed", t["seed"])  # bundles before --split-seed split by their seed
     frac = float(t["split"].split("%")[0].split()[-1]) / 100
     _, val = speaker_split(load_dataset(data / "speech_commands_v2_real", bundle.labels),
                            frac, seed)

@@ -55,6 +55,10 @@ class TrainConfig:
     patience: int = 10
     val_fraction: float = 0.15
     seed: int = 0
+    """Initialisation, batch order and augmentation."""
+    split_seed: int = 0
+    """Which speakers are held out. Separate from ``seed`` so that runs differing only in
+    ``seed`` are validated (and can be compared or ensembled) on the same speakers."""
     name: str = "model"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
@@ -84,10 +88,13 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
     train_parts, val_parts = [], []
     for root in cfg.data:
         if is_speech_commands_download(root):
-            train_parts.append(load_dataset(root, cfg.labels, split="train", seed=cfg.seed))
-            val_parts.append(load_dataset(root, cfg.labels, split="validation", seed=cfg.seed))
+            train_parts.append(load_dataset(root, cfg.labels, split="train",
+                                            seed=cfg.split_seed))
+            val_parts.append(load_dataset(root, cfg.labels, split="validation",
+                                         seed=cfg.split_seed))
         else:
-            tr, va = speaker_split(load_dataset(root, cfg.labels), cfg.val_fraction, cfg.seed)
+            tr, va = speaker_split(load_dataset(root, cfg.labels), cfg.val_fraction,
+                                   cfg.split_seed)
             train_parts.append(tr)
             val_parts.append(va)
     for root in cfg.extra:
@@ -114,7 +121,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         "sources": [str(p) for p in cfg.data],
         "training_only_sources": [str(p) for p in cfg.extra],
         "noise_recordings": len(noise),
-        "split": f"by speaker, {cfg.val_fraction:.0%} of speakers held out (seed {cfg.seed})",
+        "split": f"by speaker, {cfg.val_fraction:.0%} of speakers held out "
+                 f"(split seed {cfg.split_seed})",
         "speaker_overlap": len(overlap),
         "skipped_files": train_ds.skipped + val_ds.skipped,
     }
@@ -277,6 +285,7 @@ def train(cfg: TrainConfig) -> Bundle:
             "epochs_run": len(history),
             "best_epoch": best["epoch"],
             "seed": cfg.seed,
+            "split_seed": cfg.split_seed,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "augmentation": cfg.augment.to_dict(),
@@ -328,7 +337,7 @@ def config_from_args(args) -> TrainConfig:
         noise=Path(args.noise) if args.noise else None, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr if args.lr is not None else 3e-3,
         patience=args.patience,
-        val_fraction=args.val_fraction, seed=args.seed,
+        val_fraction=args.val_fraction, seed=args.seed, split_seed=args.split_seed,
         name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
         progress=not args.quiet, max_minutes=args.max_minutes,
         unknown_share=args.unknown_share,
