@@ -149,6 +149,8 @@ TOOLS = {
                  "post-training quantization (dynamic, static, mixed, fp16) or --sweep"),
     "prune": ("streamkws.tools.prune", "fine- or coarse-grained pruning of a bundle"),
     "profile": ("streamkws.tools.profile", "parameters, MACs, sizes, latency; --compare"),
+    "ensemble": ("streamkws.tools.ensemble",
+                 "several trained float bundles as one model (mean of their posteriors)"),
     "export": ("streamkws.tools.export", "TorchScript or ONNX file, checked against the bundle"),
     "stream-eval": ("streamkws.tools.stream_eval",
                     "recall, false alarms/hour, latency on a long recording; --build, "

@@ -57,7 +57,7 @@ def register(name: str) -> Callable[[_Factory], _Factory]:
 def _ensure_registered() -> None:
     # The families register themselves on import; importing them here means
     # ``registry.build_model`` works even when only this module was imported.
-    from streamkws.models import bcresnet, cnn, dscnn, mobile  # noqa: F401
+    from streamkws.models import bcresnet, cnn, dscnn, ensemble, mobile  # noqa: F401
 
 
 def build_model(arch: str, n_classes: int, n_frames: int, n_mels: int, **kwargs: Any) -> nn.Module:

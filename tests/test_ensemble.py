@@ -1,0 +1,113 @@
+"""Ensembles: trained bundles averaged into one model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamkws.bundle import Bundle, load_bundle
+from streamkws.cli import main
+from streamkws.errors import StreamKWSError
+from streamkws.models import build_model
+from streamkws.tools.ensemble import build_ensemble
+from streamkws.tools.train import TrainConfig, train
+
+LABELS = ("yes", "no", "_unknown_", "_silence_")
+
+
+def _config(small_data, tmp_path, name, **kw):
+    return TrainConfig(data=[small_data], out=tmp_path / name, arch="dscnn",
+                       arch_kwargs={"channels": 8, "blocks": 1}, epochs=1, batch_size=32,
+                       val_fraction=0.3, progress=False, threads=1, labels=LABELS, **kw)
+
+
+@pytest.fixture(scope="module")
+def second_member(tmp_path_factory, small_data, tiny_bundle):
+    """Another seed of a small network, on the tiny bundle's speaker split."""
+    out = tmp_path_factory.mktemp("member")
+    cfg = _config(small_data, out, "m2.skw", seed=5)
+    return train(cfg)
+
+
+@pytest.fixture
+def windows():
+    return np.random.default_rng(0).normal(size=(6, 98, 40)).astype(np.float32) - 5
+
+
+def test_ensemble_posteriors_are_the_mean_of_its_members(tiny_bundle, second_member, windows):
+    ens = build_ensemble([tiny_bundle, second_member], "pair")
+    want = (tiny_bundle.predict(windows) + second_member.predict(windows)) / 2
+    np.testing.assert_allclose(ens.predict(windows), want, atol=1e-6)
+    assert ens.meta["arch"] == "ensemble"
+    assert ens.meta["parameters"] == tiny_bundle.meta["parameters"] + \
+        second_member.meta["parameters"]
+    members = ens.meta["training"]["members"]
+    assert [m["sha256"] for m in members] == [tiny_bundle.sha256, second_member.sha256]
+
+
+def test_ensemble_bundle_reloads_and_quantizes_like_any_model(tiny_bundle, second_member,
+                                                              windows, tmp_path, capsys):
+    rc = main(["ensemble", "--model", str(tiny_bundle.path), "--model",
+               str(second_member.path), "--out", str(tmp_path / "pair.skw")])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "ensemble"
+    assert report["members"] == [tiny_bundle.name, second_member.name]
+    pair = load_bundle(tmp_path / "pair.skw")
+    want = (tiny_bundle.predict(windows) + second_member.predict(windows)) / 2
+    np.testing.assert_allclose(pair.predict(windows), want, atol=1e-6)
+
+    assert main(["quantize", "--model", str(tmp_path / "pair.skw"), "--mode", "dynamic",
+                 "--out", str(tmp_path / "pair-int8.skw")]) == 0
+    q = load_bundle(tmp_path / "pair-int8.skw")
+    assert q.quantization == "dynamic"
+    assert np.abs(q.predict(windows) - want).max() < 0.05
+
+
+def test_ensemble_quantizes_statically_member_by_member(tiny_bundle, second_member, windows,
+                                                        small_data, tmp_path):
+    from streamkws.tools.quantize import quantize
+
+    pair = build_ensemble([tiny_bundle, second_member], "pair")
+    pair.save(tmp_path / "pair.skw")
+    q = quantize(load_bundle(tmp_path / "pair.skw"), "static", calibration=small_data,
+                 name="pair-static")
+    q.save(tmp_path / "pair-static.skw")
+    loaded = load_bundle(tmp_path / "pair-static.skw")
+    np.testing.assert_allclose(loaded.predict(windows), q.predict(windows), atol=1e-6)
+    assert (loaded.predict(windows).argmax(1) == pair.predict(windows).argmax(1)).mean() >= 0.5
+
+
+def _with_training(b: Bundle, **changes) -> Bundle:
+    return Bundle(b.model, {**b.meta, "training": {**b.meta["training"], **changes}},
+                  b.path, b.sha256)
+
+
+def test_ensemble_refuses_a_member_trained_on_another_speaker_split(tiny_bundle,
+                                                                    second_member):
+    other = _with_training(second_member, split_seed=3)
+    with pytest.raises(StreamKWSError, match="another speaker split.*--split-seed"):
+        build_ensemble([tiny_bundle, other], "pair")
+
+
+def test_ensemble_refuses_quantized_members_other_labels_and_a_single_model(
+        tiny_bundle, second_member):
+    q = Bundle(second_member.model, {**second_member.meta,
+                                     "quantization": {"mode": "dynamic"}})
+    with pytest.raises(StreamKWSError, match="must be float models"):
+        build_ensemble([tiny_bundle, q], "pair")
+    relabelled = Bundle(second_member.model, {**second_member.meta,
+                                              "labels": list(reversed(LABELS))})
+    with pytest.raises(StreamKWSError, match="labels"):
+        build_ensemble([tiny_bundle, relabelled], "pair")
+    with pytest.raises(StreamKWSError, match="two or more"):
+        build_ensemble([tiny_bundle], "pair")
+
+
+def test_an_ensemble_is_built_from_bundles_not_trained(capsys, small_data, tmp_path):
+    with pytest.raises(StreamKWSError, match="streamkws ensemble"):
+        build_model("ensemble", n_classes=4, n_frames=98, n_mels=40)
+    rc = main(["train", "--data", str(small_data), "--arch", "ensemble", "--epochs", "1",
+               "--out", str(tmp_path / "x.skw"), "--quiet"])
+    assert rc == 2
+    assert "streamkws ensemble" in capsys.readouterr().err
