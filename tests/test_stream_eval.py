@@ -89,6 +89,26 @@ def test_scoring_counts_hits_duplicates_substitutions_and_false_alarms():
     assert [m["keyword"] for m in o["missed"]] == ["no"]
 
 
+def test_published_detections_score_as_the_pipeline_detections_do():
+    """The end-to-end tests score what subscribers receive (seconds), stream-eval scores the
+    pipeline's own detections (samples): one matching rule decides both."""
+    from streamkws.tools.streams import Placed, score
+
+    words = [("yes", 10.0, 10.6), ("no", 20.0, 20.5), ("marvin", 30.0, 30.5),
+             ("up", 40.0, 40.4)]
+    detections = [det("yes", 9.9, 10.4, 10.7), det("yes", 10.2, 10.5, 10.9),
+                  det("up", 20.1, 20.4, 20.6), det("go", 30.1, 30.4, 30.6),
+                  det("up", 40.4, 40.9, 41.0)]  # starts as "up" ends: no overlap, false
+    published = [{"keyword": d.keyword, "t_start": d.start / 16000, "t_end": d.end / 16000}
+                 for d in detections]
+    e2e = score(published, [Placed(w, a, b, "") for w, a, b in words], ["yes", "no", "up", "go"])
+    ev = se.score(detections, [se.Utterance(*w) for w in words], ["yes", "no", "up", "go"],
+                  duration_s=60.0)["overall"]
+    assert (e2e["hits"], e2e["duplicates"], len(e2e["false"])) == \
+        (ev["hits"], ev["duplicates"], ev["false_alarms"]) == (1, 1, 3)
+    assert [p.word for p in e2e["missed"]] == [m["keyword"] for m in ev["missed"]] == ["no", "up"]
+
+
 def test_stream_eval_reports_what_the_daemon_publishes_on_the_same_recording(recording,
                                                                              tmp_path):
     """Same pipeline code: the detections stream-eval counts are the daemon's, to the ms."""

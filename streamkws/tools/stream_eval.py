@@ -159,20 +159,14 @@ def decide(run: Run, detect: DetectConfig) -> list[Detection]:
 def score(detections: Sequence[Detection], truth: Sequence[Utterance], keywords: Sequence[str],
           duration_s: float) -> dict:
     """Recall, false alarms and latency per keyword and overall (rules in the module doc)."""
+    from streamkws.tools.streams import match
+
     kw_truth = [u for u in truth if u.keyword in keywords]
-    hit_by: dict[int, Detection] = {}
-    duplicates = 0
-    false: list[Detection] = []
-    for d in detections:
-        t0, t1 = d.start / SAMPLE_RATE, d.end / SAMPLE_RATE
-        match = [i for i, u in enumerate(kw_truth)
-                 if u.keyword == d.keyword and t0 < u.end and t1 > u.start]
-        if not match:
-            false.append(d)
-        elif match[0] in hit_by:
-            duplicates += 1
-        else:
-            hit_by[match[0]] = d
+    m = match([(d.keyword, d.start / SAMPLE_RATE, d.end / SAMPLE_RATE) for d in detections],
+              [(u.keyword, u.start, u.end) for u in kw_truth])
+    hit_by = {i: detections[j] for i, j in m.hits.items()}
+    false = [detections[j] for j in m.false]
+    duplicates = m.duplicates
     keyword_s = sum(u.end - u.start for u in kw_truth)
     hours = max(duration_s - keyword_s, 1e-9) / 3600.0
 

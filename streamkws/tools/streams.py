@@ -167,20 +167,48 @@ def heldout_stream(data_dir: Path, out: Path, n_per_keyword: int = 3, n_unknown:
     return out, placed
 
 
-def score(detections: list[dict], truth: list[Placed], keywords=KEYWORDS) -> dict:
-    """Match detections to keyword utterances: a hit is the right keyword whose
-    [t_start, t_end] overlaps the utterance; anything else is a false detection."""
-    kw_truth = [p for p in truth if p.word in keywords]
-    hits: dict[int, list[dict]] = {}
+Span = tuple[str, float, float]
+"""(word, start, end), times in seconds."""
+
+
+@dataclass
+class Matches:
+    hits: dict[int, int]
+    """Utterance index -> index of the first detection that hit it."""
+    duplicates: int
+    """Further detections of an utterance already hit."""
+    false: list[int]
+    """Indices of detections that hit no utterance."""
+
+
+def match(detections: list[Span], utterances: list[Span]) -> Matches:
+    """The one matching rule of every stream score: a detection hits an utterance of the
+    same word whose span it overlaps (the first such, in order); a detection that hits none
+    is a false one, and a second hit on one utterance is a duplicate, not a false one."""
+    hits: dict[int, int] = {}
+    duplicates = 0
     false = []
-    for d in detections:
-        match = [i for i, p in enumerate(kw_truth)
-                 if p.word == d["keyword"] and d["t_start"] < p.end and d["t_end"] > p.start]
-        if match:
-            hits.setdefault(match[0], []).append(d)
+    for j, (word, t0, t1) in enumerate(detections):
+        found = next((i for i, (w, start, end) in enumerate(utterances)
+                      if w == word and t0 < end and t1 > start), None)
+        if found is None:
+            false.append(j)
+        elif found in hits:
+            duplicates += 1
         else:
-            false.append(d)
-    duplicates = sum(len(v) - 1 for v in hits.values())
+            hits[found] = j
+    return Matches(hits, duplicates, false)
+
+
+def score(detections: list[dict], truth: list[Placed], keywords=KEYWORDS) -> dict:
+    """Published detections (seconds, as subscribers receive them) against a stream's
+    placed words, by :func:`match`."""
+    kw_truth = [p for p in truth if p.word in keywords]
+    m = match([(d["keyword"], d["t_start"], d["t_end"]) for d in detections],
+              [(p.word, p.start, p.end) for p in kw_truth])
+    hits = m.hits
+    false = [detections[j] for j in m.false]
+    duplicates = m.duplicates
     total = truth[-1].end + 1.0
     keyword_seconds = sum(p.end - p.start for p in kw_truth)
     return {"utterances": len(kw_truth), "hits": len(hits), "recall": len(hits) / len(kw_truth),
