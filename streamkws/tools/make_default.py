@@ -131,20 +131,34 @@ def threshold_note(tradeoff: list) -> str:
             "down/go, five/right): rejecting other words is the limit.")
 
 
+def describe_network(b: Bundle) -> str:
+    """The architecture in words; an ensemble by its members."""
+    kw = b.meta["arch_kwargs"]
+    if b.meta["arch"] != "ensemble":
+        return f"{b.meta['arch']} ({b.meta['parameters']:,} parameters, options {kw})"
+    members = b.meta["training"]["members"]
+    arches = "/".join(sorted({m["arch"] for m in members}))
+    sizes = ", ".join(f"{m['parameters']:,}" for m in members)
+    return (f"ensemble of {len(members)} {arches} networks trained alike from different "
+            f"seeds, their class probabilities averaged ({b.meta['parameters']:,} parameters "
+            f"in all, {sizes} each; member options {kw['members'][0]['arch_kwargs']})")
+
+
 def write_card(path: Path, b: Bundle, results: dict, tradeoff: list) -> None:
     t = b.meta["training"]
     fm, (fp50, fp99), fsize = results["default-float"]
     qm, (qp50, qp99), qsize = results["default"]
     labels = b.labels
     aug = t["augmentation"]
+    seeds = ", ".join(map(str, t["seed"])) if isinstance(t["seed"], list) else t["seed"]
     lines = [
         "# Model card: `default` (int8) and `default-float`",
         "",
-        f"A {b.meta['arch']} keyword spotter ({b.meta['parameters']:,} parameters, "
-        f"options {b.meta['arch_kwargs']}) for the 12 Speech Commands classes: "
+        f"A {describe_network(b)} keyword spotter for the 12 Speech Commands classes: "
         f"{', '.join(f'`{x}`' for x in labels)}. `default` is the same network with its "
-        "linear layer dynamically quantized to int8 (`torch.ao.quantization.quantize_dynamic`)"
-        "; `default-float` is kept for re-quantizing and pruning.",
+        "linear layers dynamically quantized to int8 "
+        "(`torch.ao.quantization.quantize_dynamic`); `default-float` is kept for "
+        "re-quantizing and pruning.",
         "",
         "## Front end",
         "",
@@ -166,7 +180,7 @@ def write_card(path: Path, b: Bundle, results: dict, tradeoff: list) -> None:
         "",
         f"{t['epochs_run']} epochs (best at epoch {t['best_epoch']}), batch {t['batch_size']}, "
         f"AdamW with one-cycle LR (max {t['lr']}), label smoothing, class-balanced epochs, "
-        f"seed {t['seed']}; {t['minutes']:.0f} minutes on 2 CPU cores. Augmentation: time "
+        f"seed {seeds}; {t['minutes']:.0f} minutes on 2 CPU cores. Augmentation: time "
         f"shift up to +-{aug['shift_ms']:.0f} ms, speed/pitch +-{aug['speed_range']:.0%} "
         f"(p={aug['speed_prob']}), gain +-{aug['gain_db']:.0f} dB, real noise at "
         f"{aug['snr_db'][0]:.0f}-{aug['snr_db'][1]:.0f} dB SNR (p={aug['noise_prob']}), "
