@@ -4,8 +4,8 @@ Networks trained alike but from different seeds make partly different mistakes o
 none of them heard; averaging their posteriors cancels some of those mistakes. On held-out
 streams, within one false alarm per 5 minutes, every pair of seeds of the default recipe
 recalled more keywords than its members did on average, and four seeds together 0.844
-against 0.808 for the best single one (docs/experiments.md, "Seeds and ensembles"). The price is one forward
-pass, and one model's weights, per member.
+against 0.808 for the best single one (docs/experiments.md, "Seeds and ensembles"). The
+price is one forward pass, and one model's weights, per member.
 
 An ensemble is built from trained bundles (``streamkws ensemble``), not trained itself.
 Each member keeps its own feature normalisation, so members need not share it.
