@@ -39,9 +39,22 @@ def features(batch: int, frames: int = 98, mels: int = 40, seed: int = 0) -> tor
     return torch.randn(batch, frames, mels, generator=g)
 
 
+def required_options(arch: str, frames: int = 98, mels: int = 40) -> dict:
+    """What an architecture cannot be built without: an ensemble needs its members (two
+    different small families, so the tests see both kinds of layers averaged)."""
+    if arch != "ensemble":
+        return {}
+    sizes = {"n_classes": N_CLASSES, "n_frames": frames, "n_mels": mels}
+    return {"members": [
+        {"arch": "dscnn", "arch_kwargs": {**sizes, "channels": 16, "blocks": 1}},
+        {"arch": "mobilenetv2", "arch_kwargs": {**sizes, "width": 0.5}},
+    ]}
+
+
 def built(arch: str, frames: int = 98, mels: int = 40, seed: int = 0, **kw: object) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(arch, n_classes=N_CLASSES, n_frames=frames, n_mels=mels, **kw)
+    return build_model(arch, n_classes=N_CLASSES, n_frames=frames, n_mels=mels,
+                       **{**required_options(arch, frames, mels), **kw})
 
 
 def calibrate_bn(model: nn.Module, frames: int = 98, mels: int = 40) -> nn.Module:
@@ -138,7 +151,9 @@ def test_count_parameters_includes_frozen() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_shape(arch: str, frames: int, mels: int) -> None:
     model = built(arch, frames, mels).eval()
-    assert isinstance(model, KWSNet)
+    # An ensemble is a container; what it contains follows the single-network contract.
+    nets = [m.net for m in model.members] if arch == "ensemble" else [model]
+    assert nets and all(isinstance(n, KWSNet) for n in nets)
     with torch.no_grad():
         out = model(features(3, frames, mels))
     assert out.shape == (3, N_CLASSES)
@@ -421,7 +436,7 @@ def test_every_architecture_quantizes_dynamically_and_runs_in_the_daemon(arch, s
     from streamkws.models.quant import quantize_dynamic
 
     cfg = Config(vad=VadConfig(kind="off")).validate()
-    net = build_model(arch, n_classes=12, n_frames=98, n_mels=40)
+    net = build_model(arch, n_classes=12, n_frames=98, n_mels=40, **required_options(arch))
     b = new_bundle(net, np.full(40, -6.0), np.full(40, 2.0), list(DEFAULT_LABELS),
                    FrontEndConfig(), arch)
     q = Bundle(quantize_dynamic(b.model), {**b.meta, "quantization": {"mode": "dynamic"}})

@@ -80,5 +80,10 @@ class Ensemble(nn.Module):
             m.net.fuse_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked here because the members' normalisation would meet a wrong shape first,
+        # with a broadcasting error instead of one naming the expected layout.
+        if x.dim() != 3 or x.shape[2] != self.n_mels:
+            raise StreamKWSError(f"Ensemble expects features (batch, frames, {self.n_mels}); "
+                                 f"got shape {tuple(x.shape)}")
         probs = torch.stack([torch.softmax(m(x), dim=-1) for m in self.members]).mean(dim=0)
         return torch.log(probs.clamp_min(_FLOOR))

@@ -8,7 +8,8 @@ which records the architecture name and the complete constructor arguments on th
     model = build_model("bcresnet", n_classes=12, n_frames=98, n_mels=40, scale=2)
     twin = build_model(model.arch_name, **model.arch_kwargs)
 
-Every model derives from :class:`KWSNet`, which makes it ready for eager-mode static
+Every single network derives from :class:`KWSNet` (``ensemble`` is a container of such
+networks, each with its own stubs), which makes it ready for eager-mode static
 quantization: a ``QuantStub``/``DeQuantStub`` pair around the quantizable body (identities
 in float) and a :meth:`KWSNet.fuse_model` that fuses the conv+BN(+ReLU) and linear+ReLU
 runs laid out in plain ``nn.Sequential`` containers.
