@@ -98,6 +98,15 @@ class Bundle:
         return self.meta.get("quantization", {}).get("mode", "none")
 
     @property
+    def split_seed(self) -> int | None:
+        """The seed of the speaker split it was validated on (None: not trained here).
+
+        Bundles from before ``train --split-seed`` split by their ``seed``.
+        """
+        t = self.meta.get("training", {})
+        return t.get("split_seed", t.get("seed"))
+
+    @property
     def frontend(self) -> FrontEndConfig:
         if self._frontend is None:
             self._frontend = FrontEndConfig.from_dict(self.meta["frontend"])

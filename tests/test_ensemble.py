@@ -83,6 +83,19 @@ def _with_training(b: Bundle, **changes) -> Bundle:
                   b.path, b.sha256)
 
 
+def test_ensemble_keeps_its_members_split_seed_even_from_bundles_that_predate_it(
+        tiny_bundle, second_member):
+    """Older bundles record only ``seed``, which was also their split seed; the ensemble's
+    own ``seed`` is the list of its members' seeds and must not stand in for it."""
+    old = Bundle(tiny_bundle.model, {**tiny_bundle.meta, "training": {
+        k: v for k, v in tiny_bundle.meta["training"].items() if k != "split_seed"}},
+        tiny_bundle.path, tiny_bundle.sha256)
+    old.meta["training"]["seed"] = tiny_bundle.split_seed
+    pair = build_ensemble([old, second_member], "pair")
+    assert pair.split_seed == tiny_bundle.split_seed == second_member.split_seed == 0
+    assert pair.meta["training"]["seed"] == [0, 5]
+
+
 def test_ensemble_refuses_a_member_trained_on_another_speaker_split(tiny_bundle,
                                                                     second_member):
     other = _with_training(second_member, split_seed=3)

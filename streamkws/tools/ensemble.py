@@ -24,12 +24,9 @@ from streamkws.models import build_model
 
 def _split_of(b: Bundle) -> dict:
     """What must agree between members for the ensemble's validation speakers to be unheard
-    by every member: the split seed, the labelled data, and so the validation clips.
-
-    Bundles from before ``--split-seed`` split by their ``seed``.
-    """
+    by every member: the split seed, the labelled data, and so the validation clips."""
     t = b.meta.get("training", {})
-    return {"split_seed": t.get("split_seed", t.get("seed")),
+    return {"split_seed": b.split_seed,
             "data": sorted(Path(s).name for s in t.get("sources", [])),
             "validation_clips": t.get("validation", {}).get("clips")}
 
@@ -68,6 +65,9 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
     n_mels = sizes["n_mels"]
     training = {k: v for k, v in first.meta.get("training", {}).items() if k != "history"}
     training.update({
+        # Recorded even when the first member predates it: the members' seeds below would
+        # otherwise stand in for the split seed (Bundle.split_seed's fallback).
+        "split_seed": first.split_seed,
         "seed": [b.meta.get("training", {}).get("seed") for b in bundles],
         "minutes": round(sum(b.meta.get("training", {}).get("minutes", 0.0)
                              for b in bundles), 2),
