@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from streamkws.errors import StreamKWSError
-from streamkws.models.registry import build_model, check_int, register
+from streamkws.models.registry import build_model, check_features, check_int, register
 
 _FLOOR = 1e-12
 """Smallest probability kept before the log: log(0) would poison a later softmax."""
@@ -82,8 +82,6 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Checked here because the members' normalisation would meet a wrong shape first,
         # with a broadcasting error instead of one naming the expected layout.
-        if x.dim() != 3 or x.shape[2] != self.n_mels:
-            raise StreamKWSError(f"Ensemble expects features (batch, frames, {self.n_mels}); "
-                                 f"got shape {tuple(x.shape)}")
+        check_features(self, x)
         probs = torch.stack([torch.softmax(m(x), dim=-1) for m in self.members]).mean(dim=0)
         return torch.log(probs.clamp_min(_FLOOR))

@@ -137,6 +137,15 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_features(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse anything but log-Mel features ``(B, T, model.n_mels)``, naming the layout."""
+    if x.dim() != 3 or x.shape[2] != model.n_mels:
+        raise StreamKWSError(
+            f"{type(model).__name__} expects features (batch, frames, {model.n_mels}); "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
 def fusion_groups(root: nn.Module) -> list[list[str]]:
     """Names of the module runs inside plain ``nn.Sequential`` containers that eager-mode
     quantization can fuse: Conv2d+BatchNorm2d(+ReLU), Conv2d+ReLU, Linear+ReLU."""
@@ -199,11 +208,7 @@ class KWSNet(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[2] != self.n_mels:
-            raise StreamKWSError(
-                f"{type(self).__name__} expects features (batch, frames, {self.n_mels}); "
-                f"got shape {tuple(x.shape)}"
-            )
+        check_features(self, x)
         if self.fixed_frames and x.shape[1] != self.n_frames:
             raise StreamKWSError(
                 f"{type(self).__name__} was built for {self.n_frames} frames; "
