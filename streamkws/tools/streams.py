@@ -206,12 +206,10 @@ def score(detections: list[dict], truth: list[Placed], keywords=KEYWORDS) -> dic
     kw_truth = [p for p in truth if p.word in keywords]
     m = match([(d["keyword"], d["t_start"], d["t_end"]) for d in detections],
               [(p.word, p.start, p.end) for p in kw_truth])
-    hits = m.hits
-    false = [detections[j] for j in m.false]
-    duplicates = m.duplicates
     total = truth[-1].end + 1.0
     keyword_seconds = sum(p.end - p.start for p in kw_truth)
-    return {"utterances": len(kw_truth), "hits": len(hits), "recall": len(hits) / len(kw_truth),
-            "false": false, "duplicates": duplicates,
+    return {"utterances": len(kw_truth), "hits": len(m.hits),
+            "recall": len(m.hits) / len(kw_truth),
+            "false": [detections[j] for j in m.false], "duplicates": m.duplicates,
             "non_keyword_minutes": (total - keyword_seconds) / 60.0,
-            "missed": [p for i, p in enumerate(kw_truth) if i not in hits]}
+            "missed": [p for i, p in enumerate(kw_truth) if i not in m.hits]}
