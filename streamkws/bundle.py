@@ -77,6 +77,12 @@ def _dynamic(model: KWSModel, q: dict) -> nn.Module:
     return quantize_dynamic(model)
 
 
+def split_identity(split_seed: int | None, sources: list, validation_clips: int | None) -> dict:
+    """See :attr:`Bundle.speaker_split`; also built by ``train`` before its bundle exists."""
+    return {"split_seed": split_seed, "data": sorted(Path(s).name for s in sources),
+            "validation_clips": validation_clips}
+
+
 @dataclass
 class Bundle:
     model: nn.Module
@@ -105,6 +111,15 @@ class Bundle:
         """
         t = self.meta.get("training", {})
         return t.get("split_seed", t.get("seed"))
+
+    @property
+    def speaker_split(self) -> dict:
+        """What two bundles must share for one's validation speakers to be unheard by the
+        other: the split seed, the labelled data, and so the validation clips. Ensembles
+        and distillation teachers are checked against it."""
+        t = self.meta.get("training", {})
+        return split_identity(self.split_seed, t.get("sources", []),
+                              t.get("validation", {}).get("clips"))
 
     @property
     def frontend(self) -> FrontEndConfig:

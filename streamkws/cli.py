@@ -70,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (args.init and args.quant_solution):
             raise StreamKWSError("--init and --quant-solution go together "
                                  "(quantization-aware fine-tuning of an existing bundle)")
+        if cfg.teacher:
+            raise StreamKWSError("--teacher applies to training, not to --init fine-tuning")
         from streamkws.bundle import load_bundle
         from streamkws.tools.sweep import load_solution, qat_finetune
 
@@ -268,6 +270,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         "shifts teach the word off-centre, as streaming windows see it")
     t.add_argument("--reverse-as-unknown", type=float, default=0.0, metavar="P",
                    help="play this share of keyword examples backwards as _unknown_")
+    t.add_argument("--teacher", metavar="M",
+                   help="distil from this bundle (an ensemble, say) trained on the same "
+                        "--data and --split-seed: targets mix labels and its posteriors")
+    t.add_argument("--distill-weight", type=float, default=0.5, metavar="W",
+                   help="with --teacher, the teacher's share of each target (default 0.5)")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, metavar="M", help="bundle file to write")

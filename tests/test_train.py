@@ -161,3 +161,97 @@ def test_audit_ranks_a_mislabelled_clip_among_the_suspects(tiny_bundle, small_da
     report = audit(tiny_bundle, data, top=15)
     assert report["clips"] == 97
     assert any(r["path"].endswith("ffffffff_nohash_9.wav") for r in report["suspects"])
+
+
+def _silence_teacher(tiny_bundle, path):
+    """The tiny model rewired to answer "_silence_" whatever it hears: advice that
+    contradicts every word's label, so a student that follows it is easy to tell apart."""
+    b = load_bundle(tiny_bundle.path)
+    last = [m for m in b.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 6.0]))
+    b.save(path)
+    return load_bundle(path)
+
+
+def test_teacher_targets_mix_the_label_with_the_teachers_posteriors(tiny_bundle):
+    from streamkws.tools.train import TeacherTargets
+
+    feats = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 98, 40))
+                             .astype(np.float32) - 5)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    make = TeacherTargets(lambda idx, rng: (feats, labels), tiny_bundle.model, 4, weight=0.3)
+    out_feats, targets = make(np.arange(5), np.random.default_rng(0))
+    teacher = torch.softmax(tiny_bundle.model(feats), -1).detach()
+    assert out_feats is feats
+    assert torch.allclose(targets, 0.7 * torch.eye(4)[labels] + 0.3 * teacher, atol=1e-6)
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+
+
+def test_a_student_follows_its_teacher(tiny_bundle, small_data, data_dir, tmp_path):
+    from streamkws.features import LogMel
+    from streamkws.tools.augment import AugmentConfig
+    from streamkws.tools.train import BatchMaker, TeacherTargets, evaluate_arrays, train_epoch
+
+    teacher = _silence_teacher(tiny_bundle, tmp_path / "silence.skw")
+    cfg = _split_config(small_data, noise=data_dir / "noise")
+    tr, val, noise, _ = prepare_data(cfg)
+    logmel = LogMel(cfg.frontend)
+    words = LogMel(cfg.frontend)(val.x[val.y != 3])
+    student = load_bundle(tiny_bundle.path).model
+    silence_before = (evaluate_arrays(student, words).argmax(1) == 3).mean()
+    make = TeacherTargets(BatchMaker(tr.x, tr.y, list(cfg.labels), noise, AugmentConfig(),
+                                     logmel, student.mean.numpy()),
+                          teacher.model, 4, weight=1.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        train_epoch(student, rng.permutation(len(tr.y)), 32, len(tr.y) // 32, make, rng,
+                    torch.nn.CrossEntropyLoss(), opt, sched)
+    # Taught only by that teacher, the student calls held-out words silence, which the
+    # same network taught by the labels did not.
+    silence_after = (evaluate_arrays(student, words).argmax(1) == 3).mean()
+    assert silence_before < 0.5 and silence_after > 0.9
+
+
+def test_a_distilled_bundle_records_its_teacher(tiny_bundle, small_data, tmp_path):
+    cfg = TrainConfig(data=[small_data], out=tmp_path / "student.skw", arch="dscnn",
+                      arch_kwargs={"channels": 8, "blocks": 1}, epochs=1, batch_size=32,
+                      val_fraction=0.3, progress=False, threads=1,
+                      labels=("yes", "no", "_unknown_", "_silence_"),
+                      teacher=tiny_bundle.path, distill_weight=0.4)
+    t = load_bundle(train(cfg).path).meta["training"]
+    assert t["teacher"] == {"name": tiny_bundle.name, "sha256": tiny_bundle.sha256,
+                            "arch": "dscnn", "weight": 0.4}
+
+
+def test_a_teacher_from_another_speaker_split_is_refused(tiny_bundle, small_data, tmp_path):
+    cfg = TrainConfig(data=[small_data], out=tmp_path / "s.skw", arch="dscnn", epochs=1,
+                      val_fraction=0.3, split_seed=5, progress=False,
+                      labels=("yes", "no", "_unknown_", "_silence_"),
+                      teacher=tiny_bundle.path)
+    with pytest.raises(StreamKWSError, match="--teacher .*another speaker split"):
+        train(cfg)
+
+
+def test_a_teacher_with_other_labels_is_refused(tiny_bundle, small_data, tmp_path):
+    cfg = TrainConfig(data=[small_data], out=tmp_path / "s.skw", arch="dscnn", epochs=1,
+                      val_fraction=0.3, progress=False,
+                      labels=("yes", "no", "_unknown_"), teacher=tiny_bundle.path)
+    with pytest.raises(StreamKWSError, match="--teacher .*labels"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--distill-weight", "0"], "--distill-weight must be within"),
+    (["--init", "m.skw", "--quant-solution", "s.yaml", "--teacher", "t.skw"],
+     "--teacher applies to training"),
+])
+def test_distillation_options_out_of_place_are_refused(capsys, small_data, tmp_path, extra,
+                                                       message):
+    rc = main(["train", "--data", str(small_data), "--out", str(tmp_path / "m.skw"), *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -22,15 +22,6 @@ from streamkws.errors import StreamKWSError
 from streamkws.models import build_model
 
 
-def _split_of(b: Bundle) -> dict:
-    """What must agree between members for the ensemble's validation speakers to be unheard
-    by every member: the split seed, the labelled data, and so the validation clips."""
-    t = b.meta.get("training", {})
-    return {"split_seed": b.split_seed,
-            "data": sorted(Path(s).name for s in t.get("sources", [])),
-            "validation_clips": t.get("validation", {}).get("clips")}
-
-
 def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
     """One float bundle whose network averages the members' class probabilities."""
     if len(bundles) < 2:
@@ -49,10 +40,10 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
         if b.frontend != first.frontend:
             raise StreamKWSError(f"{where}: front-end settings differ from the first "
                                  "member's; members must hear the same features")
-        if _split_of(b) != _split_of(first):
+        if b.speaker_split != first.speaker_split:
             raise StreamKWSError(
-                f"{where}: trained on another speaker split or data ({_split_of(b)}) than "
-                f"the first member ({_split_of(first)}); the ensemble's validation speakers "
+                f"{where}: trained on another speaker split or data ({b.speaker_split}) than "
+                f"the first member ({first.speaker_split}); the ensemble's validation speakers "
                 "would include some a member trained on (train members with the same "
                 "--split-seed and --data)")
     sizes = {k: first.meta["arch_kwargs"][k] for k in ("n_classes", "n_frames", "n_mels")}

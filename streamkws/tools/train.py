@@ -67,6 +67,10 @@ class TrainConfig:
     max_minutes: float | None = None
     unknown_share: float | None = None
     """Share of each epoch drawn from ``_unknown_`` (None: the same as every class)."""
+    teacher: Path | None = None
+    """A trained bundle (an ensemble, typically) whose posteriors the network also learns."""
+    distill_weight: float = 0.5
+    """Share of each target taken from the teacher's posteriors; the rest is the label."""
 
 
 @dataclass
@@ -196,6 +200,49 @@ class BatchMaker:
         return torch.from_numpy(feats), torch.from_numpy(targets)
 
 
+class TeacherTargets:
+    """A batch maker whose targets mix the labels with a teacher's posteriors.
+
+    The teacher sees each batch exactly as augmented for the student, so its soft targets
+    describe the very input being learnt (shifted, noisy, masked), and the student learns
+    how much an other word resembles each keyword, which a one-hot label cannot say.
+    Cross-entropy against the mixture is knowledge distillation at temperature 1."""
+
+    def __init__(self, make_batch: Callable, teacher: nn.Module, n_classes: int,
+                 weight: float) -> None:
+        self.make_batch, self.teacher, self.n_classes, self.weight = (
+            make_batch, teacher.eval(), n_classes, weight)
+
+    def __call__(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+        feats, targets = self.make_batch(idx, rng)
+        with torch.inference_mode():
+            soft = torch.softmax(self.teacher(feats), -1)
+        hard = nn.functional.one_hot(targets, self.n_classes).to(soft.dtype)
+        return feats, (1 - self.weight) * hard + self.weight * soft
+
+
+def load_teacher(cfg: TrainConfig, labels: list[str], summary: dict) -> Bundle:
+    """The teacher bundle, refused unless it hears and splits exactly as this run does:
+    a teacher that trained on this run's validation speakers would leak them into it."""
+    from streamkws.bundle import load_bundle, split_identity
+
+    teacher = load_bundle(cfg.teacher)
+    where = teacher.path or teacher.name
+    if teacher.labels != labels:
+        raise StreamKWSError(f"--teacher {where}: labels {teacher.labels} differ from "
+                             f"this run's {labels}")
+    if teacher.frontend != cfg.frontend:
+        raise StreamKWSError(f"--teacher {where}: front-end settings differ from this run's")
+    ours = split_identity(cfg.split_seed, summary["sources"], summary["validation"]["clips"])
+    if teacher.speaker_split != ours:
+        raise StreamKWSError(
+            f"--teacher {where}: trained on another speaker split or data "
+            f"({teacher.speaker_split}) than this run ({ours}); it would teach this run's "
+            "validation speakers (train it with the same --split-seed and --data)")
+    return teacher
+
+
 def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int,
                 make_batch: Callable, rng: np.random.Generator, loss_fn: nn.Module,
                 opt: torch.optim.Optimizer, sched, on_step: Callable[[], object] | None = None,
@@ -245,6 +292,9 @@ def train(cfg: TrainConfig) -> Bundle:
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     make_batch = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment, logmel, mean)
+    teacher = load_teacher(cfg, labels, summary) if cfg.teacher else None
+    if teacher is not None:
+        make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     n_frames = cfg.frontend.window_frames
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
@@ -291,6 +341,9 @@ def train(cfg: TrainConfig) -> Bundle:
             "augmentation": cfg.augment.to_dict(),
             "minutes": round((time.monotonic() - t_start) / 60, 2),
             "unknown_share": cfg.unknown_share,
+            **({"teacher": {"name": teacher.name, "sha256": teacher.sha256,
+                            "arch": teacher.meta["arch"], "weight": cfg.distill_weight}}
+               if teacher is not None else {}),
             "history": history,
         },
         "metrics": {"validation": _short_metrics(val_metrics)},
@@ -325,6 +378,9 @@ def config_from_args(args) -> TrainConfig:
                              "a clip is 1000 ms")
     aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown,
                         shift_ms=args.shift_ms) if not args.no_augment else AugmentConfig.off()
+    if not 0 < args.distill_weight <= 1:
+        raise StreamKWSError(f"--distill-weight must be within (0, 1] (got "
+                             f"{args.distill_weight:g})")
     kwargs = {}
     for kv in args.arch_arg or []:
         if "=" not in kv:
@@ -341,6 +397,8 @@ def config_from_args(args) -> TrainConfig:
         name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
         progress=not args.quiet, max_minutes=args.max_minutes,
         unknown_share=args.unknown_share,
+        teacher=Path(args.teacher) if args.teacher else None,
+        distill_weight=args.distill_weight,
     )
 
 
