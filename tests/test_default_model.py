@@ -10,7 +10,7 @@ from streamkws.cli import main
 from streamkws.config import DetectConfig
 from streamkws.data import DEFAULT_LABELS
 from streamkws.features import FrontEndConfig
-from streamkws.tools.make_default import threshold_note
+from streamkws.tools.make_default import distillation_note, threshold_note
 
 
 def test_default_is_int8_small_and_has_the_twelve_classes():
@@ -47,6 +47,15 @@ def test_the_card_says_plainly_when_the_threshold_misses_the_target():
     note = threshold_note(rows)
     assert "(0.75): recall 0.850 with 1.50 false alarms per 5 minutes, above" in note
     assert "not in the table" in threshold_note(rows[:1])
+
+
+def test_the_card_names_the_teacher_of_a_distilled_model_and_nothing_otherwise():
+    t = {"teacher": {"name": "four-seeds", "arch": "ensemble", "sha256": "9cf7f73d732c" + "0" * 52,
+                     "weight": 0.5}}
+    note = distillation_note(t)
+    assert "Distilled from `four-seeds` (architecture ensemble, sha256 9cf7f73d732c)" in note
+    assert "50% the label and 50% the teacher's" in note
+    assert distillation_note({}) == ""
 
 
 def test_evaluate_default_on_the_real_test_layout(speech_dir, capsys):

@@ -143,6 +143,17 @@ def describe_network(b: Bundle) -> str:
             f"in all, {sizes} each; member options {kw['members'][0]['arch_kwargs']})")
 
 
+def distillation_note(t: dict) -> str:
+    """A sentence on the teacher, if the network was distilled (``train --teacher``)."""
+    teacher = t.get("teacher")
+    if not teacher:
+        return ""
+    return (f" Distilled from `{teacher['name']}` (architecture {teacher['arch']}, sha256 "
+            f"{teacher['sha256'][:12]}): each target is {1 - teacher['weight']:.0%} the label "
+            f"and {teacher['weight']:.0%} the teacher's class probabilities on the same "
+            "augmented clip.")
+
+
 def write_card(path: Path, b: Bundle, results: dict, tradeoff: list) -> None:
     t = b.meta["training"]
     fm, (fp50, fp99), fsize = results["default-float"]
@@ -187,7 +198,7 @@ def write_card(path: Path, b: Bundle, results: dict, tradeoff: list) -> None:
         f"{aug['freq_masks']}x{aug['freq_mask_bins']} frequency masks. Hard negatives: "
         f"`_unknown_` drawn for {t.get('unknown_share') or 1 / len(labels):.0%} of each epoch, "
         f"{aug.get('reverse_as_unknown', 0):.0%} of keyword examples played backwards as "
-        "`_unknown_`.",
+        "`_unknown_`." + distillation_note(t),
         "",
         "How this configuration was chosen (synthetic keywords, architectures, hard "
         "negatives): [docs/experiments.md](../../../docs/experiments.md).",
