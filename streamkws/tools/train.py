@@ -222,25 +222,31 @@ class TeacherTargets:
         return feats, (1 - self.weight) * hard + self.weight * soft
 
 
-def load_teacher(cfg: TrainConfig, labels: list[str], summary: dict) -> Bundle:
-    """The teacher bundle, refused unless it hears and splits exactly as this run does:
-    a teacher that trained on this run's validation speakers would leak them into it."""
-    from streamkws.bundle import load_bundle, split_identity
+def load_teacher(cfg: TrainConfig) -> Bundle:
+    """The teacher bundle, refused at once (before the data load) unless it hears as this
+    run does; :func:`check_teacher_split` follows once the split is known."""
+    from streamkws.bundle import load_bundle
 
     teacher = load_bundle(cfg.teacher)
     where = teacher.path or teacher.name
-    if teacher.labels != labels:
+    if teacher.labels != list(cfg.labels):
         raise StreamKWSError(f"--teacher {where}: labels {teacher.labels} differ from "
-                             f"this run's {labels}")
+                             f"this run's {list(cfg.labels)}")
     if teacher.frontend != cfg.frontend:
         raise StreamKWSError(f"--teacher {where}: front-end settings differ from this run's")
+    return teacher
+
+
+def check_teacher_split(teacher: Bundle, cfg: TrainConfig, summary: dict) -> None:
+    """A teacher that trained on this run's validation speakers would leak them into it."""
+    from streamkws.bundle import split_identity
+
     ours = split_identity(cfg.split_seed, summary["sources"], summary["validation"]["clips"])
     if teacher.speaker_split != ours:
         raise StreamKWSError(
-            f"--teacher {where}: trained on another speaker split or data "
-            f"({teacher.speaker_split}) than this run ({ours}); it would teach this run's "
-            "validation speakers (train it with the same --split-seed and --data)")
-    return teacher
+            f"--teacher {teacher.path or teacher.name}: trained on another speaker split or "
+            f"data ({teacher.speaker_split}) than this run ({ours}); it would teach this "
+            "run's validation speakers (train it with the same --split-seed and --data)")
 
 
 def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int,
@@ -277,7 +283,10 @@ def train(cfg: TrainConfig) -> Bundle:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     logmel = LogMel(cfg.frontend)
+    teacher = load_teacher(cfg) if cfg.teacher else None
     train_s, val_s, noise, summary = prepare_data(cfg)
+    if teacher is not None:
+        check_teacher_split(teacher, cfg, summary)
     mean, std = feature_stats(train_s.x, logmel)
     val_feats = logmel(val_s.x)
     labels = list(cfg.labels)
@@ -292,7 +301,6 @@ def train(cfg: TrainConfig) -> Bundle:
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     make_batch = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment, logmel, mean)
-    teacher = load_teacher(cfg, labels, summary) if cfg.teacher else None
     if teacher is not None:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
