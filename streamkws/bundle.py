@@ -27,28 +27,12 @@ from torch import nn
 from streamkws import __version__
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig
+from streamkws.models.registry import KWSModel
 
 FORMAT = "streamkws-bundle"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent / "models" / "bundled"
 BUNDLED = {"default": "default.skw", "default-float": "default-float.skw"}
-
-
-class KWSModel(nn.Module):
-    """Feature normalisation followed by the network: log-Mel ``(B, T, F)`` -> logits.
-
-    The per-bin mean and scale are fitted on the training data and travel with the bundle,
-    so callers feed raw front-end output.
-    """
-
-    def __init__(self, net: nn.Module, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", mean.detach().clone().float())
-        self.register_buffer("inv_std", inv_std.detach().clone().float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) * self.inv_std)
 
 
 # Quantization modes register how to rebuild their module structure from metadata, so a

@@ -19,23 +19,16 @@ import torch
 from torch import nn
 
 from streamkws.errors import StreamKWSError
-from streamkws.models.registry import build_model, check_features, check_int, register
+from streamkws.models.registry import (
+    KWSModel,
+    build_model,
+    check_features,
+    check_int,
+    register,
+)
 
 _FLOOR = 1e-12
 """Smallest probability kept before the log: log(0) would poison a later softmax."""
-
-
-class Member(nn.Module):
-    """One network and the feature normalisation it was trained with."""
-
-    def __init__(self, net: nn.Module, n_mels: int) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.zeros(n_mels))
-        self.register_buffer("inv_std", torch.ones(n_mels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) * self.inv_std)
 
 
 @register("ensemble")
@@ -70,7 +63,9 @@ class Ensemble(nn.Module):
                     f"ensemble member {i} ({spec['arch']}) has sizes {sizes}, the ensemble "
                     f"{n_classes} classes, {n_frames} frames, {n_mels} mel bins")
             nets.append(build_model(spec["arch"], n_classes, n_frames, n_mels, **kwargs))
-        self.members = nn.ModuleList(Member(net, n_mels) for net in nets)
+        # Each member normalises with its own statistics (copied in from its bundle).
+        self.members = nn.ModuleList(KWSModel(net, torch.zeros(n_mels), torch.ones(n_mels))
+                                     for net in nets)
         self.fixed_frames = any(getattr(net, "fixed_frames", False) for net in nets)
 
     def fuse_model(self) -> None:

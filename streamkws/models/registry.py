@@ -244,3 +244,20 @@ class FloatIsland(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(self.module(self.dequant(x)))
+
+
+class KWSModel(nn.Module):
+    """Feature normalisation followed by the network: log-Mel ``(B, T, F)`` -> logits.
+
+    The per-bin mean and scale are fitted on the training data and travel with the bundle,
+    so callers feed raw front-end output.
+    """
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("inv_std", inv_std.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) * self.inv_std)

@@ -50,9 +50,7 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
     specs = [{"arch": b.meta["arch"], "arch_kwargs": b.meta["arch_kwargs"]} for b in bundles]
     net = build_model("ensemble", **sizes, members=specs)
     for member, b in zip(net.members, bundles, strict=True):
-        member.net.load_state_dict(b.model.net.state_dict())
-        member.mean.copy_(b.model.mean)
-        member.inv_std.copy_(b.model.inv_std)
+        member.load_state_dict(b.model.state_dict())
     n_mels = sizes["n_mels"]
     training = {k: v for k, v in first.meta.get("training", {}).items() if k != "history"}
     training.update({
