@@ -166,7 +166,6 @@ def score(detections: Sequence[Detection], truth: Sequence[Utterance], keywords:
               [(u.keyword, u.start, u.end) for u in kw_truth])
     hit_by = {i: detections[j] for i, j in m.hits.items()}
     false = [detections[j] for j in m.false]
-    duplicates = m.duplicates
     keyword_s = sum(u.end - u.start for u in kw_truth)
     hours = max(duration_s - keyword_s, 1e-9) / 3600.0
 
@@ -187,7 +186,7 @@ def score(detections: Sequence[Detection], truth: Sequence[Utterance], keywords:
     for kw in keywords:
         utts = [i for i, u in enumerate(kw_truth) if u.keyword == kw]
         per_keyword[kw] = summary(utts, [d for d in false if d.keyword == kw], 0)
-    overall = summary(list(range(len(kw_truth))), false, duplicates)
+    overall = summary(list(range(len(kw_truth))), false, m.duplicates)
     overall["missed"] = [dataclasses.asdict(kw_truth[i]) for i in range(len(kw_truth))
                          if i not in hit_by]
     overall["false"] = [_detection_dict(d) for d in false]
