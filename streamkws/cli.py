@@ -275,6 +275,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         "--data and --split-seed: targets mix labels and its posteriors")
     t.add_argument("--distill-weight", type=float, default=0.5, metavar="W",
                    help="with --teacher, the teacher's share of each target (default 0.5)")
+    t.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights "
+                        "(e.g. 0.999) instead of the weights themselves")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, metavar="M", help="bundle file to write")

@@ -256,3 +256,52 @@ def test_distillation_options_out_of_place_are_refused(capsys, small_data, tmp_p
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_weight_average_is_the_exponential_moving_average_of_the_steps():
+    from streamkws.tools.train import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    w = [torch.full((2, 2), float(v)) for v in (1.0, 3.0, 7.0)]
+    with torch.no_grad():
+        net[0].weight.copy_(w[0])
+    avg = WeightAverage(net, decay=0.5)
+    for step, v in enumerate(w[1:], start=1):
+        with torch.no_grad():
+            net[0].weight.copy_(v)
+        net[1].num_batches_tracked.fill_(step * 10)
+        avg.update(net)
+    # 0.5 * (0.5 * 1 + 0.5 * 3) + 0.5 * 7
+    assert torch.allclose(avg.model[0].weight, torch.full((2, 2), 4.5))
+    assert int(avg.model[1].num_batches_tracked) == 20  # counters are copied, not averaged
+    assert not any(p.requires_grad for p in avg.model.parameters())
+
+
+def test_an_averaged_run_trains_the_same_path_and_keeps_the_average(small_data, tmp_path):
+    def run(name, **kw):
+        cfg = TrainConfig(data=[small_data], out=tmp_path / name, arch="dscnn",
+                          arch_kwargs={"channels": 8, "blocks": 1}, epochs=3, batch_size=32,
+                          val_fraction=0.3, seed=3, progress=False, threads=1,
+                          labels=("yes", "no", "_unknown_", "_silence_"), **kw)
+        return load_bundle(train(cfg).path)
+
+    plain, averaged = run("plain.skw"), run("ema.skw", ema=0.9)
+    h_plain, h_avg = plain.meta["training"]["history"], averaged.meta["training"]["history"]
+    # The average only watches: the weights it follows take the very same steps.
+    assert [h["val_accuracy"] for h in h_plain] == [h["raw_val_accuracy"] for h in h_avg]
+    assert averaged.meta["training"]["ema"] == 0.9 and "ema" not in plain.meta["training"]
+    a, p = averaged.model.state_dict(), plain.model.state_dict()
+    assert any(not torch.equal(a[k], p[k]) for k in a if a[k].is_floating_point())
+    # What is kept is what was validated: the average at its best epoch.
+    best = averaged.meta["training"]["best_epoch"]
+    assert averaged.meta["metrics"]["validation"]["accuracy"] == pytest.approx(
+        h_avg[best - 1]["val_accuracy"], abs=1e-4)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5"])
+def test_an_average_decay_outside_0_1_is_refused(capsys, small_data, tmp_path, value):
+    rc = main(["train", "--data", str(small_data), "--out", str(tmp_path / "m.skw"),
+               "--ema", value])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--ema must be within (0, 1)" in err and "Traceback" not in err

@@ -71,6 +71,9 @@ class TrainConfig:
     """A trained bundle (an ensemble, typically) whose posteriors the network also learns."""
     distill_weight: float = 0.5
     """Share of each target taken from the teacher's posteriors; the rest is the label."""
+    ema: float | None = None
+    """Decay of a moving average of the weights that is validated and kept instead of the
+    weights themselves (None: no average)."""
 
 
 @dataclass
@@ -249,6 +252,32 @@ def check_teacher_split(teacher: Bundle, cfg: TrainConfig, summary: dict) -> Non
             "run's validation speakers (train it with the same --split-seed and --data)")
 
 
+class WeightAverage:
+    """Exponential moving average of a network's weights and buffers, updated every step.
+
+    Averaging the last few hundred steps' weights is a cheap stand-in for an ensemble of
+    nearby models (Polyak averaging). Integer buffers (BatchNorm's batch counters) are
+    copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be within (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values(),
+                            strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(cur, 1.0 - self.decay)
+            else:
+                avg.copy_(cur)
+
+
 def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int,
                 make_batch: Callable, rng: np.random.Generator, loss_fn: nn.Module,
                 opt: torch.optim.Optimizer, sched, on_step: Callable[[], object] | None = None,
@@ -305,6 +334,14 @@ def train(cfg: TrainConfig) -> Bundle:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     n_frames = cfg.frontend.window_frames
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
+
+    def on_step() -> None:
+        bar.update(1)
+        if average is not None:
+            average.update(model)
+
+    kept = average.model if average is not None else model
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
     ckpt = cfg.out.with_name(cfg.out.name + ".ckpt")
@@ -312,17 +349,21 @@ def train(cfg: TrainConfig) -> Bundle:
     for epoch in range(cfg.epochs):
         order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
         loss = train_epoch(model, order, cfg.batch_size, steps_per_epoch, make_batch, rng,
-                           loss_fn, opt, sched, on_step=lambda: bar.update(1))
-        probs = evaluate_arrays(model, val_feats[:, :n_frames])
+                           loss_fn, opt, sched, on_step=on_step)
+        probs = evaluate_arrays(kept, val_feats[:, :n_frames])
         acc = float((probs.argmax(1) == val_s.y).mean())
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc})
+        if average is not None:
+            # The raw weights' score too, so a run shows what the average bought.
+            raw = evaluate_arrays(model, val_feats[:, :n_frames])
+            history[-1]["raw_val_accuracy"] = float((raw.argmax(1) == val_s.y).mean())
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.3f}",
                         best=f"{max(acc, best['accuracy']):.3f}")
         log.info("epoch %d: loss %.4f, validation accuracy %.4f", epoch + 1, loss, acc)
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            torch.save({"epoch": epoch + 1, "model": model.state_dict(),
+                    "state": {k: v.detach().clone() for k, v in kept.state_dict().items()}}
+            torch.save({"epoch": epoch + 1, "model": kept.state_dict(),
                         "optimizer": opt.state_dict(), "val_accuracy": acc}, ckpt)
         if epoch + 1 - best["epoch"] >= cfg.patience:
             log.info("early stop: no improvement for %d epochs", cfg.patience)
@@ -349,6 +390,7 @@ def train(cfg: TrainConfig) -> Bundle:
             "augmentation": cfg.augment.to_dict(),
             "minutes": round((time.monotonic() - t_start) / 60, 2),
             "unknown_share": cfg.unknown_share,
+            **({"ema": cfg.ema} if cfg.ema else {}),
             **({"teacher": {"name": teacher.name, "sha256": teacher.sha256,
                             "arch": teacher.meta["arch"], "weight": cfg.distill_weight}}
                if teacher is not None else {}),
@@ -389,6 +431,9 @@ def config_from_args(args) -> TrainConfig:
     if not 0 < args.distill_weight <= 1:
         raise StreamKWSError(f"--distill-weight must be within (0, 1] (got "
                              f"{args.distill_weight:g})")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise StreamKWSError(f"--ema must be within (0, 1) (got {args.ema:g}); 0.999 "
+                             "averages about the last thousand steps")
     kwargs = {}
     for kv in args.arch_arg or []:
         if "=" not in kv:
@@ -406,7 +451,7 @@ def config_from_args(args) -> TrainConfig:
         progress=not args.quiet, max_minutes=args.max_minutes,
         unknown_share=args.unknown_share,
         teacher=Path(args.teacher) if args.teacher else None,
-        distill_weight=args.distill_weight,
+        distill_weight=args.distill_weight, ema=args.ema,
     )
 
 
