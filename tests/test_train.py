@@ -305,3 +305,25 @@ def test_an_average_decay_outside_0_1_is_refused(capsys, small_data, tmp_path, v
     assert rc == 2
     err = capsys.readouterr().err
     assert "--ema must be within (0, 1)" in err and "Traceback" not in err
+
+
+def test_recalibration_gives_the_average_its_own_batchnorm_statistics():
+    from streamkws.tools.train import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2),
+                              torch.nn.Dropout(0.5))
+    avg = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        avg.model[0].weight.mul_(3.0)  # weights unlike those the statistics came from
+    batches = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    state = torch.random.get_rng_state()
+    avg.recalibrate(iter(batches))
+    with torch.no_grad():
+        h = [avg.model[0](b) for b in batches]
+    bn = avg.model[1]  # the plain average of the batches' statistics
+    assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in h]).mean(0),
+                          atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([x.var(0) for x in h]).mean(0),
+                          atol=1e-5)
+    assert bn.momentum == net[1].momentum and not avg.model.training
+    assert torch.equal(torch.random.get_rng_state(), state)  # dropout drew nothing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,6 +252,10 @@ def check_teacher_split(teacher: Bundle, cfg: TrainConfig, summary: dict) -> Non
             "run's validation speakers (train it with the same --split-seed and --data)")
 
 
+BN_BATCHES = 16
+"""Training batches that re-estimate a weight average's BatchNorm statistics."""
+
+
 class WeightAverage:
     """Exponential moving average of a network's weights and buffers, updated every step.
 
@@ -276,6 +280,32 @@ class WeightAverage:
                 avg.lerp_(cur, 1.0 - self.decay)
             else:
                 avg.copy_(cur)
+
+    @torch.no_grad()
+    def recalibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Recompute the average's BatchNorm statistics from its own activations.
+
+        Averaged weights do not produce the activations whose statistics the trained
+        network's BatchNorm layers tracked; while steps are large the mismatch collapses a
+        deep network to one class (MobileNetV2 at chance for half a run, measured). A pass
+        over training batches fixes it, as ``torch.optim.swa_utils.update_bn`` does, but
+        with everything else in eval mode: dropout draws no random numbers, so the run
+        being averaged is untouched."""
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.model.eval()
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+            m.train()
+        for feats in batches:
+            self.model(feats)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
 
 
 def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int,
@@ -329,7 +359,8 @@ def train(cfg: TrainConfig) -> Bundle:
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    make_batch = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment, logmel, mean)
+    make_batch = augmented = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment,
+                                        logmel, mean)
     if teacher is not None:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
@@ -342,6 +373,12 @@ def train(cfg: TrainConfig) -> Bundle:
             average.update(model)
 
     kept = average.model if average is not None else model
+    # Its own generator: the batches that recalibrate the average must not move the run.
+    bn_rng = np.random.default_rng([cfg.seed, 1])
+
+    def bn_batches():
+        for _ in range(BN_BATCHES):
+            yield augmented(bn_rng.integers(0, len(train_s.y), cfg.batch_size), bn_rng)[0]
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
     ckpt = cfg.out.with_name(cfg.out.name + ".ckpt")
@@ -350,6 +387,8 @@ def train(cfg: TrainConfig) -> Bundle:
         order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
         loss = train_epoch(model, order, cfg.batch_size, steps_per_epoch, make_batch, rng,
                            loss_fn, opt, sched, on_step=on_step)
+        if average is not None:
+            average.recalibrate(bn_batches())
         probs = evaluate_arrays(kept, val_feats[:, :n_frames])
         acc = float((probs.argmax(1) == val_s.y).mean())
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc})
