@@ -70,8 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (args.init and args.quant_solution):
             raise StreamKWSError("--init and --quant-solution go together "
                                  "(quantization-aware fine-tuning of an existing bundle)")
-        if cfg.teacher:
-            raise StreamKWSError("--teacher applies to training, not to --init fine-tuning")
+        for flag, given in (("--teacher", cfg.teacher), ("--ema", cfg.ema)):
+            if given:
+                raise StreamKWSError(f"{flag} applies to training, not to --init fine-tuning")
         from streamkws.bundle import load_bundle
         from streamkws.tools.sweep import load_solution, qat_finetune
 

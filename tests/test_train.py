@@ -248,6 +248,8 @@ def test_a_teacher_with_other_labels_is_refused(tiny_bundle, small_data, tmp_pat
     (["--distill-weight", "0"], "--distill-weight must be within"),
     (["--init", "m.skw", "--quant-solution", "s.yaml", "--teacher", "t.skw"],
      "--teacher applies to training"),
+    (["--init", "m.skw", "--quant-solution", "s.yaml", "--ema", "0.99"],
+     "--ema applies to training"),
     (["--teacher", "nowhere.skw"], "nowhere.skw: no such model bundle"),
 ])
 def test_distillation_options_out_of_place_are_refused(capsys, small_data, tmp_path, extra,
