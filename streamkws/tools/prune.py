@@ -55,6 +55,7 @@ from streamkws.data import (
 )
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig, LogMel
+from streamkws.tools.train import accuracy, score
 
 log = logging.getLogger(__name__)
 
@@ -210,25 +211,6 @@ def _features(frontend: FrontEndConfig, x: np.ndarray) -> np.ndarray:
     if not parts:
         return np.zeros((0, n, frontend.n_mels), np.float32)
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-
-
-def score(model: nn.Module, feats: np.ndarray, y: np.ndarray,
-          batch: int = 512) -> tuple[float, float]:
-    """Clip accuracy and mean cross-entropy of a model (``KWSModel`` or bare net)."""
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.inference_mode():
-        for i in range(0, len(feats), batch):
-            logits = model(torch.from_numpy(feats[i : i + batch]))
-            target = torch.from_numpy(y[i : i + batch])
-            correct += int((logits.argmax(1) == target).sum())
-            loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-    n = max(1, len(y))
-    return correct / n, loss / n
-
-
-def accuracy(model: nn.Module, feats: np.ndarray, y: np.ndarray) -> float:
-    return score(model, feats, y)[0]
 
 
 # --- counting -----------------------------------------------------------------------------

@@ -766,6 +766,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     from streamkws.tools.train import (
         BatchMaker,
         TrainConfig,
+        accuracy,
         balanced_epoch,
         evaluate_arrays,
         prepare_data,
@@ -821,7 +822,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def val_accuracy() -> float:
-        return float((evaluate_arrays(sim, val_feats).argmax(1) == val_s.y).mean())
+        return accuracy(sim, val_feats, val_s.y)
 
     acc0 = val_accuracy()
     best = {"accuracy": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}

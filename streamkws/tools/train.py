@@ -171,6 +171,25 @@ def evaluate_arrays(model: nn.Module, feats: np.ndarray, batch: int = 512) -> np
     return np.concatenate(out)
 
 
+def score(model: nn.Module, feats: np.ndarray, y: np.ndarray,
+          batch: int = 512) -> tuple[float, float]:
+    """Clip accuracy and mean cross-entropy of a model (``KWSModel`` or bare net)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.inference_mode():
+        for i in range(0, len(feats), batch):
+            logits = model(torch.from_numpy(feats[i : i + batch]))
+            target = torch.from_numpy(y[i : i + batch])
+            correct += int((logits.argmax(1) == target).sum())
+            loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    n = max(1, len(y))
+    return correct / n, loss / n
+
+
+def accuracy(model: nn.Module, feats: np.ndarray, y: np.ndarray) -> float:
+    return score(model, feats, y)[0]
+
+
 class BatchMaker:
     """Clip indices in, an augmented feature batch and its targets out.
 
@@ -347,7 +366,7 @@ def train(cfg: TrainConfig) -> Bundle:
     if teacher is not None:
         check_teacher_split(teacher, cfg, summary)
     mean, std = feature_stats(train_s.x, logmel)
-    val_feats = logmel(val_s.x)
+    val_feats = logmel(val_s.x)[:, : cfg.frontend.window_frames]
     labels = list(cfg.labels)
     net = build_model(cfg.arch, n_classes=len(labels), n_frames=cfg.frontend.window_frames,
                       n_mels=cfg.frontend.n_mels, **cfg.arch_kwargs)
@@ -364,7 +383,6 @@ def train(cfg: TrainConfig) -> Bundle:
     if teacher is not None:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
-    n_frames = cfg.frontend.window_frames
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
 
     def on_step() -> None:
@@ -389,13 +407,11 @@ def train(cfg: TrainConfig) -> Bundle:
                            loss_fn, opt, sched, on_step=on_step)
         if average is not None:
             average.recalibrate(bn_batches())
-        probs = evaluate_arrays(kept, val_feats[:, :n_frames])
-        acc = float((probs.argmax(1) == val_s.y).mean())
+        acc = accuracy(kept, val_feats, val_s.y)
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc})
         if average is not None:
             # The raw weights' score too, so a run shows what the average bought.
-            raw = evaluate_arrays(model, val_feats[:, :n_frames])
-            history[-1]["raw_val_accuracy"] = float((raw.argmax(1) == val_s.y).mean())
+            history[-1]["raw_val_accuracy"] = accuracy(model, val_feats, val_s.y)
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.3f}",
                         best=f"{max(acc, best['accuracy']):.3f}")
         log.info("epoch %d: loss %.4f, validation accuracy %.4f", epoch + 1, loss, acc)
@@ -415,7 +431,7 @@ def train(cfg: TrainConfig) -> Bundle:
     model.eval()
     from streamkws.tools.evaluate import metrics_from_predictions
 
-    probs = evaluate_arrays(model, val_feats[:, :n_frames])
+    probs = evaluate_arrays(model, val_feats)
     val_metrics = metrics_from_predictions(val_s.y, probs.argmax(1), labels)
     bundle.meta.update({
         "training": {
