@@ -40,10 +40,13 @@ def long_speech(tmp_path_factory) -> Path:
     return path
 
 
-def daemon(*args: str, endpoint: str) -> subprocess.Popen:
+def daemon(*args: str, endpoint: str, subscribers: int = 1) -> subprocess.Popen:
+    """The daemon, holding its audio until ``subscribers`` have subscribed: every test
+    subscriber must be counted, or the first to arrive starts the audio before the others
+    hear ``seq`` 0."""
     return subprocess.Popen(
         [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
-         "--wait-subscribers", "1", *args],
+         "--wait-subscribers", str(subscribers), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -129,7 +132,8 @@ def test_churning_subscribers_and_a_stalled_one_cost_the_pipeline_nothing(tmp_pa
     stalled.connect(endpoint)
     cfg = config_file(tmp_path / "churn.toml", publish={"status_interval_s": 0.2,
                                                         "high_water_mark": 100})
-    proc = daemon("--config", str(cfg), "--source", "demo", "--realtime", endpoint=endpoint)
+    proc = daemon("--config", str(cfg), "--source", "demo", "--realtime", endpoint=endpoint,
+                  subscribers=2)
     wait_until(lambda: sub.messages, 30, "the first status")
     churn = Churn(endpoint, 100)
     churn.start()
