@@ -161,29 +161,28 @@ def balanced_epoch(y: np.ndarray, rng: np.random.Generator, unknown: int = -1,
     return out
 
 
+def logits_of(model: nn.Module, feats: np.ndarray, batch: int = 512) -> torch.Tensor:
+    """The model's logits for precomputed features, in eval mode, ``batch`` clips at a time."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(torch.from_numpy(feats[i : i + batch]))
+                          for i in range(0, len(feats), batch)])
+
+
 def evaluate_arrays(model: nn.Module, feats: np.ndarray, batch: int = 512) -> np.ndarray:
     """Predicted probabilities for precomputed features."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(feats), batch):
-            out.append(torch.softmax(model(torch.from_numpy(feats[i : i + batch])), -1).numpy())
-    return np.concatenate(out)
+    return torch.softmax(logits_of(model, feats, batch), -1).numpy()
 
 
 def score(model: nn.Module, feats: np.ndarray, y: np.ndarray,
           batch: int = 512) -> tuple[float, float]:
     """Clip accuracy and mean cross-entropy of a model (``KWSModel`` or bare net)."""
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.inference_mode():
-        for i in range(0, len(feats), batch):
-            logits = model(torch.from_numpy(feats[i : i + batch]))
-            target = torch.from_numpy(y[i : i + batch])
-            correct += int((logits.argmax(1) == target).sum())
-            loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-    n = max(1, len(y))
-    return correct / n, loss / n
+    if len(y) == 0:
+        return 0.0, 0.0
+    logits, target = logits_of(model, feats, batch), torch.from_numpy(y)
+    correct = int((logits.argmax(1) == target).sum())
+    loss = float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return correct / len(y), loss / len(y)
 
 
 def accuracy(model: nn.Module, feats: np.ndarray, y: np.ndarray) -> float:
