@@ -105,6 +105,23 @@ class Bundle:
         return split_identity(self.split_seed, t.get("sources", []),
                               t.get("validation", {}).get("clips"))
 
+    def mismatch(self, labels: list[str], frontend: FrontEndConfig,
+                 speaker_split: dict | None = None, other: str = "the other model's") -> str | None:
+        """Why this bundle's posteriors cannot be set beside another model's, or None.
+
+        The one rule for ensemble members and distillation teachers: the same classes in
+        the same order, the same features, and (when given) the same held-out speakers, so
+        that no model has trained on the speakers the other is validated on."""
+        if self.labels != list(labels):
+            return f"labels {self.labels} differ from {other} {list(labels)}"
+        if self.frontend != frontend:
+            return f"front-end settings differ from {other}; both must hear the same features"
+        if speaker_split is not None and self.speaker_split != speaker_split:
+            return (f"trained on another speaker split or data ({self.speaker_split}) than "
+                    f"{other} ({speaker_split}); one would have trained on the other's "
+                    "validation speakers (train both with the same --split-seed and --data)")
+        return None
+
     @property
     def frontend(self) -> FrontEndConfig:
         if self._frontend is None:

@@ -117,6 +117,26 @@ def test_ensemble_refuses_quantized_members_other_labels_and_a_single_model(
         build_ensemble([tiny_bundle], "pair")
 
 
+def test_ensemble_refuses_a_member_that_hears_other_features(tiny_bundle, second_member):
+    other = Bundle(second_member.model, {**second_member.meta, "frontend": {
+        **second_member.meta["frontend"], "f_max": 7000.0}})
+    with pytest.raises(StreamKWSError, match="front-end settings differ from the first"):
+        build_ensemble([tiny_bundle, other], "pair")
+
+
+def test_teachers_and_members_answer_to_one_compatibility_rule(tiny_bundle, second_member):
+    """Labels first, then features, then (when asked) the held-out speakers."""
+    b = second_member
+    assert b.mismatch(tiny_bundle.labels, tiny_bundle.frontend, tiny_bundle.speaker_split) \
+        is None
+    assert "labels" in b.mismatch(list(reversed(LABELS)), tiny_bundle.frontend)
+    other_fe = type(b.frontend)(**{**b.frontend.to_dict(), "n_mels": 32})
+    assert "front-end" in b.mismatch(b.labels, other_fe)
+    split = {**b.speaker_split, "split_seed": 9}
+    assert b.mismatch(b.labels, b.frontend) is None  # split not asked
+    assert "another speaker split" in b.mismatch(b.labels, b.frontend, split)
+
+
 def test_an_ensemble_is_built_from_bundles_not_trained(capsys, small_data, tmp_path):
     with pytest.raises(StreamKWSError, match="streamkws ensemble"):
         build_model("ensemble", n_classes=4, n_frames=98, n_mels=40)

@@ -34,18 +34,10 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
                                  f"{b.quantization}); quantize the ensemble instead")
         if b.meta["arch"] == "ensemble":
             raise StreamKWSError(f"{where} is an ensemble already; list its members instead")
-        if b.labels != first.labels:
-            raise StreamKWSError(f"{where}: labels {b.labels} differ from the first "
-                                 f"member's {first.labels}")
-        if b.frontend != first.frontend:
-            raise StreamKWSError(f"{where}: front-end settings differ from the first "
-                                 "member's; members must hear the same features")
-        if b.speaker_split != first.speaker_split:
-            raise StreamKWSError(
-                f"{where}: trained on another speaker split or data ({b.speaker_split}) than "
-                f"the first member ({first.speaker_split}); the ensemble's validation speakers "
-                "would include some a member trained on (train members with the same "
-                "--split-seed and --data)")
+        why = b.mismatch(first.labels, first.frontend, first.speaker_split,
+                         other="the first member's")
+        if why:
+            raise StreamKWSError(f"{where}: {why}")
     sizes = {k: first.meta["arch_kwargs"][k] for k in ("n_classes", "n_frames", "n_mels")}
     specs = [{"arch": b.meta["arch"], "arch_kwargs": b.meta["arch_kwargs"]} for b in bundles]
     net = build_model("ensemble", **sizes, members=specs)

@@ -250,11 +250,9 @@ def load_teacher(cfg: TrainConfig) -> Bundle:
 
     teacher = load_bundle(cfg.teacher)
     where = teacher.path or teacher.name
-    if teacher.labels != list(cfg.labels):
-        raise StreamKWSError(f"--teacher {where}: labels {teacher.labels} differ from "
-                             f"this run's {list(cfg.labels)}")
-    if teacher.frontend != cfg.frontend:
-        raise StreamKWSError(f"--teacher {where}: front-end settings differ from this run's")
+    why = teacher.mismatch(list(cfg.labels), cfg.frontend, other="this run's")
+    if why:
+        raise StreamKWSError(f"--teacher {where}: {why}")
     return teacher
 
 
@@ -263,11 +261,9 @@ def check_teacher_split(teacher: Bundle, cfg: TrainConfig, summary: dict) -> Non
     from streamkws.bundle import split_identity
 
     ours = split_identity(cfg.split_seed, summary["sources"], summary["validation"]["clips"])
-    if teacher.speaker_split != ours:
-        raise StreamKWSError(
-            f"--teacher {teacher.path or teacher.name}: trained on another speaker split or "
-            f"data ({teacher.speaker_split}) than this run ({ours}); it would teach this "
-            "run's validation speakers (train it with the same --split-seed and --data)")
+    why = teacher.mismatch(list(cfg.labels), cfg.frontend, ours, other="this run")
+    if why:
+        raise StreamKWSError(f"--teacher {teacher.path or teacher.name}: {why}")
 
 
 BN_BATCHES = 16
