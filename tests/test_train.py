@@ -44,6 +44,38 @@ def test_a_seeded_run_is_repeatable(small_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_killed_part_way_leaves_its_best_network_so_far_as_a_bundle(
+        small_data, tmp_path, monkeypatch):
+    import streamkws.tools.train as tr
+
+    calls = {"n": 0}
+    real_accuracy = tr.accuracy
+
+    def accuracy_then_killed(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second epoch's validation
+        return real_accuracy(*a, **kw)
+
+    monkeypatch.setattr(tr, "accuracy", accuracy_then_killed)
+    cfg = TrainConfig(data=[small_data], out=tmp_path / "m.skw", arch="dscnn",
+                      arch_kwargs={"channels": 8, "blocks": 1}, epochs=3, batch_size=32,
+                      val_fraction=0.3, progress=False, threads=1,
+                      labels=("yes", "no", "_unknown_", "_silence_"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert not (tmp_path / "m.skw").exists()
+    kept = load_bundle(tmp_path / "m.partial.skw")
+    assert kept.meta["training"]["partial"] is True
+    assert kept.meta["training"]["best_epoch"] == 1
+    assert kept.labels == ["yes", "no", "_unknown_", "_silence_"]
+    assert kept.predict(np.zeros((1, 98, 40), np.float32) - 5).shape == (1, 4)
+
+    monkeypatch.setattr(tr, "accuracy", real_accuracy)
+    train(cfg)  # a run that ends cleans up after itself
+    assert (tmp_path / "m.skw").exists() and not (tmp_path / "m.partial.skw").exists()
+
+
 def _split_config(data, **kw):
     return TrainConfig(data=[data], out=None, val_fraction=0.3, progress=False,
                        labels=("yes", "no", "_unknown_", "_silence_"), **kw)

@@ -394,7 +394,10 @@ def train(cfg: TrainConfig) -> Bundle:
             yield augmented(bn_rng.integers(0, len(train_s.y), cfg.batch_size), bn_rng)[0]
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
-    ckpt = cfg.out.with_name(cfg.out.name + ".ckpt")
+    # A run killed part-way (Ctrl-C, OOM, power) leaves its best network so far as a bundle
+    # any command loads, rather than a checkpoint nothing reads; removed once the run ends.
+    partial = cfg.out.with_name(cfg.out.stem + ".partial" + cfg.out.suffix)
+    log.info("until the run ends, its best network so far is kept in %s", partial)
     bar = _progress(cfg.epochs * steps_per_epoch, cfg.progress)
     for epoch in range(cfg.epochs):
         order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
@@ -413,8 +416,10 @@ def train(cfg: TrainConfig) -> Bundle:
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in kept.state_dict().items()}}
-            torch.save({"epoch": epoch + 1, "model": kept.state_dict(),
-                        "optimizer": opt.state_dict(), "val_accuracy": acc}, ckpt)
+            Bundle(kept, {**bundle.meta, "training": {
+                **summary, "partial": True, "epochs_run": epoch + 1, "best_epoch": epoch + 1,
+                "seed": cfg.seed, "split_seed": cfg.split_seed, "val_accuracy": acc,
+                **({"ema": cfg.ema} if cfg.ema else {})}}).save(partial)
         if epoch + 1 - best["epoch"] >= cfg.patience:
             log.info("early stop: no improvement for %d epochs", cfg.patience)
             break
@@ -449,7 +454,7 @@ def train(cfg: TrainConfig) -> Bundle:
         "metrics": {"validation": _short_metrics(val_metrics)},
     })
     bundle.save(cfg.out)
-    ckpt.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     return bundle
 
 
