@@ -58,7 +58,14 @@ def register(name: str) -> Callable[[_Factory], _Factory]:
 def _ensure_registered() -> None:
     # The families register themselves on import; importing them here means
     # ``registry.build_model`` works even when only this module was imported.
-    from streamkws.models import bcresnet, cnn, dscnn, ensemble, mobile  # noqa: F401
+    from streamkws.models import (  # noqa: F401
+        bcresnet,
+        cnn,
+        dscnn,
+        ensemble,
+        mobile,
+        speech_embedding,
+    )
 
 
 def build_model(arch: str, n_classes: int, n_frames: int, n_mels: int, **kwargs: Any) -> nn.Module:
@@ -191,6 +198,12 @@ class KWSNet(nn.Module):
     arch_kwargs: dict[str, Any]
     fixed_frames: bool = False
     """True when the network only accepts exactly ``n_frames`` frames (a flattening FC)."""
+    min_frames: int = 1
+    """The shortest window it can be built for (a fixed receptive field needs more)."""
+    prunable: bool = True
+    """False when pruning would damage it (pretrained, frozen weights)."""
+    statically_quantizable: bool = True
+    """False when :meth:`fuse_model` refuses: parts of it cannot run in int8."""
 
     def __init__(self, n_classes: int, n_frames: int, n_mels: int) -> None:
         super().__init__()

@@ -786,6 +786,11 @@ def prune_bundle(bundle: Bundle, cfg: PruneConfig) -> PruneResult:
             f"model '{bundle.name}' is quantized ({bundle.quantization}); prune a float "
             "bundle (e.g. default-float) and quantize the result"
         )
+    if not getattr(bundle.model.net, "prunable", True):
+        raise StreamKWSError(
+            f"model '{bundle.name}' ({bundle.meta['arch']}) holds frozen pretrained weights "
+            "that pruning would damage and fine-tuning could not repair; prune a network "
+            "trained from scratch")
     if cfg.method == "structured":
         channel_groups(bundle.model.net)
     data = None
