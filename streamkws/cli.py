@@ -63,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from streamkws.tools.train import config_from_args, describe, train
 
     cfg = config_from_args(args)
+    cfg.check_backbone()
     for d in cfg.data + cfg.extra:
         if not d.is_dir():
             raise StreamKWSError(f"{d}: data folder not found")
@@ -70,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (args.init and args.quant_solution):
             raise StreamKWSError("--init and --quant-solution go together "
                                  "(quantization-aware fine-tuning of an existing bundle)")
-        for flag, given in (("--teacher", cfg.teacher), ("--ema", cfg.ema)):
+        for flag, given in (("--teacher", cfg.teacher), ("--ema", cfg.ema),
+                            ("--backbone", cfg.backbone)):
             if given:
                 raise StreamKWSError(f"{flag} applies to training, not to --init fine-tuning")
         from streamkws.bundle import load_bundle
@@ -279,6 +281,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights "
                         "(e.g. 0.999) instead of the weights themselves")
+    t.add_argument("--backbone", metavar="FILE",
+                   help="with --arch speech_embedding: the pretrained embedding's weights "
+                        "(openWakeWord's embedding_model.onnx, or a speech_embedding bundle)")
+    t.add_argument("--passes", type=int, default=12, metavar="N",
+                   help="with --backbone: augmented passes over the training clips embedded "
+                        "once for the head to learn from (default 12)")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, metavar="M", help="bundle file to write")

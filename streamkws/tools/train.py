@@ -32,6 +32,7 @@ from streamkws.data import (
 )
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig, LogMel
+from streamkws.models.speech_embedding import load_backbone
 from streamkws.tools.augment import AugmentConfig, augment_waveforms, spec_augment
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,28 @@ class TrainConfig:
     ema: float | None = None
     """Decay of a moving average of the weights that is validated and kept instead of the
     weights themselves (None: no average)."""
+    backbone: Path | None = None
+    """``speech_embedding`` only: the pretrained embedding's weights (openWakeWord's
+    ``embedding_model.onnx``, or a ``speech_embedding`` bundle to take them from)."""
+    passes: int = 12
+    """``speech_embedding`` only: augmented passes over the training clips embedded once
+    (the frozen backbone costs too much to run on every batch) for the head to learn from."""
+
+    def check_backbone(self) -> None:
+        """Refuse, before any data is read, a backbone run that cannot be done."""
+        if (self.arch == "speech_embedding") != (self.backbone is not None):
+            raise StreamKWSError("--arch speech_embedding needs --backbone (openWakeWord's "
+                                 "embedding_model.onnx), and --backbone only goes with it")
+        if self.backbone is None:
+            return
+        if self.ema or self.teacher:
+            raise StreamKWSError("--backbone trains a head on embeddings computed once; "
+                                 "--ema and --teacher do not apply to it")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or \
+                not 1 <= self.passes <= 100:
+            raise StreamKWSError(f"--passes must be within 1..100 (got {self.passes!r})")
+        if not Path(self.backbone).is_file():
+            raise StreamKWSError(f"--backbone {self.backbone}: no such file")
 
 
 @dataclass
@@ -221,6 +244,46 @@ class BatchMaker:
         return torch.from_numpy(feats), torch.from_numpy(targets)
 
 
+class CachedBatches:
+    """Batches drawn from examples made once (a frozen backbone's embeddings)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __call__(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+        return self.x[idx], self.y[idx]
+
+
+def embed_passes(net: nn.Module, train_s: Split, val_feats: np.ndarray, logmel: LogMel,
+                 make_batch: BatchMaker, passes: int, rng: np.random.Generator,
+                 progress: bool, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embed the clean training clips and ``passes`` augmented passes over them once, and the
+    validation windows: (train embeddings, their labels, validation embeddings)."""
+    n = len(train_s.y)
+    bar = _progress(n * (passes + 1) + len(val_feats), progress, "embedding", "window")
+    out, labels = [], []
+
+    def embed(feats: np.ndarray | torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            e = net.embed(torch.as_tensor(feats)).numpy()
+        bar.update(len(e))
+        return e
+
+    n_frames = logmel.config.window_frames
+    for i in range(0, n, batch):
+        out.append(embed(logmel(train_s.x[i:i + batch])[:, :n_frames]))
+    labels.append(train_s.y)
+    for _ in range(passes):
+        for i in range(0, n, batch):
+            feats, y = make_batch(np.arange(i, min(i + batch, n)), rng)
+            out.append(embed(feats))
+            labels.append(y.numpy())
+    val = np.concatenate([embed(val_feats[i:i + batch]) for i in range(0, len(val_feats), batch)])
+    bar.close()
+    return np.concatenate(out), np.concatenate(labels).astype(np.int64), val
+
+
 class TeacherTargets:
     """A batch maker whose targets mix the labels with a teacher's posteriors.
 
@@ -352,6 +415,7 @@ def train(cfg: TrainConfig) -> Bundle:
 
     t_start = time.monotonic()
     seed_everything(cfg.seed)
+    cfg.check_backbone()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -365,16 +429,33 @@ def train(cfg: TrainConfig) -> Bundle:
     labels = list(cfg.labels)
     net = build_model(cfg.arch, n_classes=len(labels), n_frames=cfg.frontend.window_frames,
                       n_mels=cfg.frontend.n_mels, **cfg.arch_kwargs)
-    bundle = new_bundle(net, mean, std, labels, cfg.frontend, cfg.name)
+    if cfg.backbone is not None:
+        load_backbone(net, cfg.backbone)
+        net.fit_bridge(logmel.filterbank, cfg.frontend.log_offset)
+        # The bridge undoes the log, so this network reads the front end's values as they
+        # are: identity normalisation. `mean` stays the SpecAugment fill below.
+        bundle = new_bundle(net, np.zeros_like(mean), np.ones_like(std), labels,
+                            cfg.frontend, cfg.name)
+    else:
+        bundle = new_bundle(net, mean, std, labels, cfg.frontend, cfg.name)
     model = bundle.model
-    steps_per_epoch = int(np.ceil(len(train_s.y) / cfg.batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    make_batch = augmented = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment,
+                                        logmel, mean)
+    # What the optimiser trains, on which examples: the whole network on augmented batches,
+    # or only a frozen backbone's head on embeddings of augmented passes made once.
+    trainee, train_y = model, train_s.y
+    if cfg.backbone is not None:
+        emb, train_y, val_feats = embed_passes(net, train_s, val_feats, logmel, augmented,
+                                               cfg.passes, rng, cfg.progress)
+        trainee = net.head
+        make_batch = augmented = CachedBatches(emb, train_y)
+    steps_per_epoch = int(np.ceil(len(train_y) / cfg.batch_size))
+    opt = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    make_batch = augmented = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment,
-                                        logmel, mean)
     if teacher is not None:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
     unknown_index = labels.index(UNKNOWN) if UNKNOWN in labels else -1
@@ -385,13 +466,13 @@ def train(cfg: TrainConfig) -> Bundle:
         if average is not None:
             average.update(model)
 
-    kept = average.model if average is not None else model
+    kept = average.model if average is not None else trainee
     # Its own generator: the batches that recalibrate the average must not move the run.
     bn_rng = np.random.default_rng([cfg.seed, 1])
 
     def bn_batches():
         for _ in range(BN_BATCHES):
-            yield augmented(bn_rng.integers(0, len(train_s.y), cfg.batch_size), bn_rng)[0]
+            yield augmented(bn_rng.integers(0, len(train_y), cfg.batch_size), bn_rng)[0]
     best = {"accuracy": -1.0, "epoch": -1, "state": None}
     history = []
     # A run killed part-way (Ctrl-C, OOM, power) leaves its best network so far as a bundle
@@ -400,8 +481,8 @@ def train(cfg: TrainConfig) -> Bundle:
     log.info("until the run ends, its best network so far is kept in %s", partial)
     bar = _progress(cfg.epochs * steps_per_epoch, cfg.progress)
     for epoch in range(cfg.epochs):
-        order = balanced_epoch(train_s.y, rng, unknown_index, cfg.unknown_share)
-        loss = train_epoch(model, order, cfg.batch_size, steps_per_epoch, make_batch, rng,
+        order = balanced_epoch(train_y, rng, unknown_index, cfg.unknown_share)
+        loss = train_epoch(trainee, order, cfg.batch_size, steps_per_epoch, make_batch, rng,
                            loss_fn, opt, sched, on_step=on_step)
         if average is not None:
             average.recalibrate(bn_batches())
@@ -416,7 +497,8 @@ def train(cfg: TrainConfig) -> Bundle:
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in kept.state_dict().items()}}
-            Bundle(kept, {**bundle.meta, "training": {
+            # The best is the current state: a trained head is saved inside its network.
+            Bundle(model if kept is trainee else kept, {**bundle.meta, "training": {
                 **summary, "partial": True, "epochs_run": epoch + 1, "best_epoch": epoch + 1,
                 "seed": cfg.seed, "split_seed": cfg.split_seed, "val_accuracy": acc,
                 **({"ema": cfg.ema} if cfg.ema else {})}}).save(partial)
@@ -427,11 +509,11 @@ def train(cfg: TrainConfig) -> Bundle:
             log.warning("stopping after %.1f minutes (--max-minutes)", cfg.max_minutes)
             break
     bar.close()
-    model.load_state_dict(best["state"])
+    (trainee if average is None else model).load_state_dict(best["state"])
     model.eval()
     from streamkws.tools.evaluate import metrics_from_predictions
 
-    probs = evaluate_arrays(model, val_feats)
+    probs = evaluate_arrays(trainee, val_feats)
     val_metrics = metrics_from_predictions(val_s.y, probs.argmax(1), labels)
     bundle.meta.update({
         "training": {
@@ -446,6 +528,8 @@ def train(cfg: TrainConfig) -> Bundle:
             "minutes": round((time.monotonic() - t_start) / 60, 2),
             "unknown_share": cfg.unknown_share,
             **({"ema": cfg.ema} if cfg.ema else {}),
+            **({"backbone": {"file": Path(cfg.backbone).name, "passes": cfg.passes}}
+               if cfg.backbone is not None else {}),
             **({"teacher": {"name": teacher.name, "sha256": teacher.sha256,
                             "arch": teacher.meta["arch"], "weight": cfg.distill_weight}}
                if teacher is not None else {}),
@@ -469,12 +553,12 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "training", unit: str = "step"):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="training", unit="step")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 def config_from_args(args) -> TrainConfig:
@@ -507,6 +591,7 @@ def config_from_args(args) -> TrainConfig:
         unknown_share=args.unknown_share,
         teacher=Path(args.teacher) if args.teacher else None,
         distill_weight=args.distill_weight, ema=args.ema,
+        backbone=Path(args.backbone) if args.backbone else None, passes=args.passes,
     )
 
 
