@@ -14,7 +14,8 @@ an ONNX form of Google's ``speech_embedding``). Nothing else of openWakeWord is 
    window the gate let through the CNN's posteriors mixed with the heads' on that very
    window, and re-decide with the daemon's smoother at thresholds 0.50-0.98.
 
-    python docs/speech_embedding_probe.py --features DIR_WITH_ONNX --cnn default-float.skw \
+    python docs/speech_embedding_probe.py --features DIR_WITH_ONNX [--bridge] \
+        --cnn default-float.skw \
         --data ../shared/data/speech_commands_v2_real \
         --data ../shared/data/speech_commands_v1_train_sample \
         --extra synth --extra synth_everyday --noise ../shared/data/noise \
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from streamkws.bundle import load_bundle
 from streamkws.config import Config
 from streamkws.data import SILENCE, UNKNOWN
+from streamkws.features import FrontEndConfig, LogMel
 from streamkws.tools import stream_eval as se
 from streamkws.tools.augment import AugmentConfig, augment_waveforms
 from streamkws.tools.train import TrainConfig, prepare_data
@@ -46,25 +48,50 @@ STARTS = (0, 8, 16)  # embedding windows of 76 mel frames in a 97-frame (1-s) wi
 
 
 class Embedder:
-    def __init__(self, folder: Path, threads: int = 2) -> None:
+    """Embeddings of 1-s windows, from the embedding's own mel model or (``bridge``) from
+    this package's log-Mel front end mapped to the embedding's 32 bands."""
+
+    def __init__(self, folder: Path, threads: int = 2, bridge: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         self.mel = ort.InferenceSession(str(folder / "melspectrogram.onnx"), so)
         self.emb = ort.InferenceSession(str(folder / "embedding_model.onnx"), so)
+        self.bridge = None
+        if bridge:
+            import onnx
+            from onnx import numpy_helper
+
+            graph = onnx.load(str(folder / "melspectrogram.onnx")).graph
+            bands = next(numpy_helper.to_array(i) for i in graph.initializer
+                         if i.name == "1.melW")  # (257 FFT bins, 32 bands)
+            self.logmel = LogMel(FrontEndConfig())
+            # Our 40 bands -> its 32, in the power domain: the least-squares combination of
+            # our triangles that best draws each of its triangles.
+            self.bridge, *_ = np.linalg.lstsq(self.logmel.filterbank.T, bands, rcond=None)
+
+    def mels(self, wav: np.ndarray) -> np.ndarray:
+        """(b, 16000) -> (b, 97, 32) on the embedding's input scale."""
+        if self.bridge is None:
+            # The feature models take int16-scaled samples; x / 10 + 2 is openWakeWord's
+            # own scaling of the mel output before the embedding.
+            x = (wav * 32767).astype(np.float32)
+            return self.mel.run(None, {"input": x})[0][:, 0] / 10 + 2
+        c = self.logmel.config
+        power = np.maximum(np.exp(self.logmel(wav)) - c.log_offset, 0) * 32767 ** 2
+        db = 10 * np.log10(np.maximum(power @ self.bridge, 1e-10))
+        db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - 80)  # its 80 dB floor
+        return db[:, :97] / 10 + 2
 
     def __call__(self, wav: np.ndarray, batch: int = 256) -> np.ndarray:
         """(B, 16000) floats in [-1, 1] -> (B, 3, 96)."""
         out = []
         for i in range(0, len(wav), batch):
-            # The feature models take int16-scaled samples; x / 10 + 2 is openWakeWord's
-            # own scaling of the mel output before the embedding.
-            x = (wav[i:i + batch] * 32767).astype(np.float32)
-            m = self.mel.run(None, {"input": x})[0][:, 0] / 10 + 2
+            m = self.mels(wav[i:i + batch])
             w = np.stack([m[:, s:s + 76] for s in STARTS], 1).astype(np.float32)
             e = self.emb.run(None, {"input_1": w.reshape(-1, 76, 32, 1)})[0]
-            out.append(e.reshape(len(x), len(STARTS), 96))
+            out.append(e.reshape(len(m), len(STARTS), 96))
         return np.concatenate(out)
 
 
@@ -158,12 +185,15 @@ def main() -> None:
                    help="a WAV built by `streamkws stream-eval --build` (labels beside it)")
     p.add_argument("--copies", type=int, default=6, help="augmented passes per seed")
     p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--bridge", action="store_true",
+                   help="embed this package's log-Mel features mapped to the embedding's "
+                        "bands instead of its own mel model (needs the onnx package)")
     p.add_argument("--work", type=Path, default=Path("probe"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     cfg, cnn = Config(), load_bundle(args.cnn)
-    embed = Embedder(args.features)
+    embed = Embedder(args.features, bridge=args.bridge)
     x, y, xv, yv = training_embeddings(args, embed, cnn.labels)
     unknown = cnn.labels.index(UNKNOWN)
     heads = [train_head(x, y, seed, unknown) for seed in tqdm(range(args.heads), desc="heads")]

@@ -1,0 +1,80 @@
+"""Best recall within false-alarm budgets, pooled over recordings, for bundles and mixtures.
+
+The scoring behind the stream tables in ``docs/experiments.md``; not part of the package.
+Each bundle runs once per recording through the daemon's pipeline (``stream-eval``'s
+replay), every threshold 0.50-0.98 (one for all keywords) is re-decided with the daemon's
+smoother, and hits, false alarms and other-audio hours are summed over the recordings
+before the best threshold per budget is picked.
+
+    python docs/pooled_recall.py eval/heldout.wav eval/h2.wav eval/h3.wav -- \\
+        default-float emb.skw default-float+emb.skw@0.3
+
+A spec ``a+b@w`` mixes two bundles' posteriors on the same windows, ``(1 - w) a + w b``
+(``w`` defaults to 0.5, which is what ``streamkws ensemble`` computes for two members).
+Labels: ``REC.csv`` beside each recording, as ``stream-eval --build`` writes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from streamkws.bundle import load_bundle
+from streamkws.config import Config
+from streamkws.tools import stream_eval as se
+
+BUDGETS = (0.5, 1.0, 2.0)  # false alarms per 5 minutes of other audio
+
+
+def main(argv: list[str]) -> None:
+    if "--" not in argv:
+        sys.exit(__doc__)
+    k = argv.index("--")
+    recs, specs = [Path(a) for a in argv[:k]], argv[k + 1:]
+    cfg = Config()
+    runs: dict[tuple[str, Path], se.Run] = {}
+
+    def run_of(name: str, rec: Path) -> se.Run:
+        if (name, rec) not in runs:
+            runs[name, rec] = se.run_pipeline(cfg, load_bundle(name), rec, progress=False)
+        return runs[name, rec]
+
+    def mixed(spec: str, rec: Path) -> se.Run:
+        if "+" not in spec:
+            return run_of(spec, rec)
+        a, b = spec.split("+")
+        b, _, w = b.partition("@")
+        weight = float(w) if w else 0.5
+        ra, rb = run_of(a, rec), run_of(b, rec)
+        # The VAD gate does not depend on the model, so both saw the very same windows.
+        trace = [(s, e, None if p is None else (1 - weight) * p + weight * q)
+                 for (s, e, p), (_, _, q) in zip(ra.trace, rb.trace, strict=True)]
+        return dataclasses.replace(ra, trace=trace)
+
+    truths = {rec: se.read_labels(rec.with_suffix(".csv")) for rec in recs}
+    for spec in specs:
+        rows = []
+        for t in np.arange(0.5, 0.991, 0.02):
+            hits = n = fa = 0
+            hours = 0.0
+            d = dataclasses.replace(cfg.detect, threshold=float(t), thresholds={})
+            for rec in recs:
+                run = mixed(spec, rec)
+                o = se.score(se.decide(run, d), truths[rec], se.keywords_of(run, d),
+                             run.duration)
+                hits, n = hits + o["overall"]["hits"], n + o["overall"]["utterances"]
+                fa, hours = fa + o["overall"]["false_alarms"], hours + o["non_keyword_hours"]
+            rows.append((float(t), hits / n, fa / hours / 12, fa))
+        cells = []
+        for budget in BUDGETS:
+            ok = [r for r in rows if r[2] <= budget]
+            best = max(ok, key=lambda r: (r[1], -r[0])) if ok else None
+            cells.append(f"<= {budget}: " + (f"{best[1]:.3f} (thr {best[0]:.2f}, {best[3]} FA)"
+                                             if best else "-"))
+        print(f"{spec}: {n} keywords   " + "   ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
