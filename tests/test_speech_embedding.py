@@ -188,6 +188,11 @@ def test_pruning_and_static_quantization_refuse_the_frozen_backbone(embedding_bu
     assert main(["prune", "--model", str(embedding_bundle.path), "--sparsity", "0.5",
                  "--out", str(tmp_path / "p.skw")]) == 2
     assert "frozen pretrained weights" in capsys.readouterr().err
+    # inside an ensemble too: a member is pruned like any network
+    build_ensemble([embedding_bundle, embedding_bundle], "pair").save(tmp_path / "pair.skw")
+    assert main(["prune", "--model", str(tmp_path / "pair.skw"), "--sparsity", "0.5",
+                 "--out", str(tmp_path / "pp.skw")]) == 2
+    assert "frozen pretrained weights (speech_embedding)" in capsys.readouterr().err
     assert main(["quantize", "--model", str(embedding_bundle.path), "--mode", "static",
                  "--calibration", str(small_data), "--out", str(tmp_path / "s.skw")]) == 2
     assert "cannot be statically quantized" in capsys.readouterr().err

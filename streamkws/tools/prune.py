@@ -786,11 +786,14 @@ def prune_bundle(bundle: Bundle, cfg: PruneConfig) -> PruneResult:
             f"model '{bundle.name}' is quantized ({bundle.quantization}); prune a float "
             "bundle (e.g. default-float) and quantize the result"
         )
-    if not getattr(bundle.model.net, "prunable", True):
+    net = bundle.model.net
+    frozen = [n for n in [net, *(m.net for m in getattr(net, "members", []))]
+              if not getattr(n, "prunable", True)]
+    if frozen:
         raise StreamKWSError(
             f"model '{bundle.name}' ({bundle.meta['arch']}) holds frozen pretrained weights "
-            "that pruning would damage and fine-tuning could not repair; prune a network "
-            "trained from scratch")
+            f"({frozen[0].arch_name}) that pruning would damage and fine-tuning could not "
+            "repair; prune a network trained from scratch")
     if cfg.method == "structured":
         channel_groups(bundle.model.net)
     data = None
