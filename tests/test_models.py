@@ -60,8 +60,7 @@ def built(arch: str, frames: int = 98, mels: int = 40, seed: int = 0, **kw: obje
         # (train does it); left at zero, every input would look the same.
         from streamkws.features import FrontEndConfig, LogMel
 
-        fe = FrontEndConfig(n_mels=mels)
-        model.fit_bridge(LogMel(fe).filterbank, fe.log_offset)
+        model.fit_bridge(LogMel(FrontEndConfig(n_mels=mels)))
     return model
 
 

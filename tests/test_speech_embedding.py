@@ -50,7 +50,7 @@ def random_backbone(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = build_model("speech_embedding", n_classes=len(LABELS), n_frames=98, n_mels=40)
     fe = FrontEndConfig()
-    net.fit_bridge(LogMel(fe).filterbank, fe.log_offset)
+    net.fit_bridge(LogMel(fe))
     b = new_bundle(net, np.zeros(40), np.ones(40), list(LABELS), fe, "random-backbone")
     path = tmp_path_factory.mktemp("backbone") / "random.skw"
     b.save(path)
@@ -104,7 +104,7 @@ def test_the_bridge_is_exact_when_our_bands_are_the_embeddings_own():
     fe = FrontEndConfig(n_mels=32, f_min=60.0, f_max=3800.0)
     lm = LogMel(fe)
     net = build_model("speech_embedding", n_classes=4, n_frames=98, n_mels=32)
-    net.fit_bridge(lm.filterbank, fe.log_offset)
+    net.fit_bridge(lm)
     np.testing.assert_allclose(net.bridge.numpy(), np.eye(32), atol=1e-4)
     audio = np.random.default_rng(1).normal(0, 0.05, size=(2, 16000)).astype(np.float32)
     feats = lm(audio)[:, :98]

@@ -19,6 +19,7 @@ ensemble``) it lifts recall on unheard speakers (docs/experiments.md).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch import nn
 
 from streamkws.errors import StreamKWSError
 from streamkws.models.registry import KWSNet, check_float, check_int, register
+
+if TYPE_CHECKING:
+    from streamkws.features import LogMel
 
 EMBED_FRAMES = 76
 """Mel frames one embedding reads (775 ms)."""
@@ -67,15 +71,10 @@ class SpeechEmbedding(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        n_convs = sum(1 for s in _SPEC if s[0] != "pool")
-        layers: list[nn.Module] = []
-        for item in _SPEC:
-            if item[0] == "pool":
-                layers.append(nn.MaxPool2d(item[1], item[1]))
-            else:
-                layers.append(_ConvAct(*item, last=len(layers) - len(
-                    [x for x in layers if isinstance(x, nn.MaxPool2d)]) == n_convs - 1))
-        self.layers = nn.Sequential(*layers)
+        # The spec ends with the one convolution that has no activation.
+        self.layers = nn.Sequential(*(
+            nn.MaxPool2d(item[1], item[1]) if item[0] == "pool"
+            else _ConvAct(*item, last=i == len(_SPEC) - 1) for i, item in enumerate(_SPEC)))
         # Until pretrained weights are loaded, a scale-keeping random init: torch's default
         # shrinks the signal through 20 layers until every input gives the same embedding,
         # and then nothing, not even a test's head, could learn from it.
@@ -153,9 +152,7 @@ def load_backbone(net: EmbeddingKWS, source: str | Path) -> None:
         if b.meta["arch"] != "speech_embedding" or b.quantization != "none":
             raise StreamKWSError(f"--backbone {source}: not an ONNX file or a float "
                                  "speech_embedding bundle")
-        prefix = "net.backbone."
-        state = {k[len(prefix):]: v for k, v in b.model.state_dict().items()
-                 if k.startswith(prefix)}
+        state = b.model.net.backbone.state_dict()
     net.backbone.load_state_dict(state, strict=True)
 
 
@@ -190,21 +187,17 @@ class EmbeddingKWS(KWSNet):
             nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
             nn.Linear(hidden, n_classes))
 
-    def fit_bridge(self, filterbank: np.ndarray, log_offset: float,
-                   embedding_bands: np.ndarray | None = None) -> None:
-        """Map our mel bands (``filterbank``: (n_mels, FFT bins)) to the embedding's.
-
-        The least-squares combination of our triangles that best draws each of its
-        triangles, in the power domain. ``embedding_bands`` ((FFT bins, 32)) defaults to
-        the embedding's own filterbank, rebuilt by :func:`embedding_filterbank`.
-        """
-        target = embedding_filterbank() if embedding_bands is None else embedding_bands
+    def fit_bridge(self, logmel: LogMel) -> None:
+        """Map the bands of the front end ``logmel`` to the embedding's (rebuilt by
+        :func:`embedding_filterbank`): the least-squares combination of our triangles that
+        best draws each of its triangles, in the power domain."""
+        filterbank, target = logmel.filterbank, embedding_filterbank()
         if filterbank.shape != (self.n_mels, target.shape[0]):
             raise StreamKWSError(f"the front end's filterbank {filterbank.shape} does not fit "
                                  f"{self.n_mels} bands over {target.shape[0]} FFT bins")
         m, *_ = np.linalg.lstsq(filterbank.T, target, rcond=None)
         self.bridge.copy_(torch.from_numpy(m.astype(np.float32)))
-        self.log_offset.fill_(float(log_offset))
+        self.log_offset.fill_(float(logmel.config.log_offset))
 
     def embedding_mels(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-Mel ``(B, T, n_mels)`` -> the embedding's input ``(B, T, 32)``."""

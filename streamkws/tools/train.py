@@ -431,7 +431,7 @@ def train(cfg: TrainConfig) -> Bundle:
                       n_mels=cfg.frontend.n_mels, **cfg.arch_kwargs)
     if cfg.backbone is not None:
         load_backbone(net, cfg.backbone)
-        net.fit_bridge(logmel.filterbank, cfg.frontend.log_offset)
+        net.fit_bridge(logmel)
         # The bridge undoes the log, so this network reads the front end's values as they
         # are: identity normalisation. `mean` stays the SpecAugment fill below.
         bundle = new_bundle(net, np.zeros_like(mean), np.ones_like(std), labels,
