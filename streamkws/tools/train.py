@@ -466,7 +466,10 @@ def train(cfg: TrainConfig) -> Bundle:
         if average is not None:
             average.update(model)
 
+    # What is validated and kept (the average, or the trainee itself), and the whole
+    # network that holds it, for the partial bundle.
     kept = average.model if average is not None else trainee
+    whole = average.model if average is not None else model
     # Its own generator: the batches that recalibrate the average must not move the run.
     bn_rng = np.random.default_rng([cfg.seed, 1])
 
@@ -497,8 +500,7 @@ def train(cfg: TrainConfig) -> Bundle:
         if acc > best["accuracy"]:
             best = {"accuracy": acc, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in kept.state_dict().items()}}
-            # The best is the current state: a trained head is saved inside its network.
-            Bundle(model if kept is trainee else kept, {**bundle.meta, "training": {
+            Bundle(whole, {**bundle.meta, "training": {
                 **summary, "partial": True, "epochs_run": epoch + 1, "best_epoch": epoch + 1,
                 "seed": cfg.seed, "split_seed": cfg.split_seed, "val_accuracy": acc,
                 **({"ema": cfg.ema} if cfg.ema else {})}}).save(partial)
