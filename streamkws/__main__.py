@@ -1,3 +1,3 @@
-from streamkws.cli import main
+from streamkws.cli import entry
 
-raise SystemExit(main())
+entry()

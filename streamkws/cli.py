@@ -7,12 +7,15 @@ non-zero exit; only bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from streamkws import __version__
 from streamkws.errors import EXIT_USER_ERROR, StreamKWSError
@@ -317,22 +320,52 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> int:
+    """Run one subcommand and return its exit status.
+
+    ``leave_at_once`` (the installed command) ends the process as soon as ``run`` returns;
+    see :func:`entry`. In-process callers (tests, embedding programs) leave it off.
+    """
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        rc = func(args)
     except StreamKWSError as exc:
         print(f"streamkws {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        rc = EXIT_USER_ERROR
     except KeyboardInterrupt:
-        return 130
+        rc = 130
     except BrokenPipeError:  # e.g. `streamkws listen | head`
-        return 0
+        rc = 0
+    if leave_at_once and args.command == "run":
+        _leave(rc)
+    return rc
+
+
+def _leave(rc: int) -> NoReturn:
+    """Exit without tearing the interpreter down.
+
+    When ``run`` returns, the daemon has already published its final status and closed
+    the device and the socket. What is left is the interpreter's own teardown with torch
+    loaded: about 0.5 s of CPU on a desktop core, several times that on a small or busy
+    board. That alone could push a SIGTERM stop past its 2 s budget and towards systemd's
+    stop timeout, and it would also wait on any stray non-daemon thread. Logging and stdio
+    are all that still needs flushing.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(rc)
+
+
+def entry() -> NoReturn:
+    """The installed ``streamkws`` command and ``python -m streamkws``."""
+    raise SystemExit(main(leave_at_once=True))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -77,6 +77,26 @@ def test_sigterm_stops_within_two_seconds_with_a_final_status(tmp_path):
     assert any("STOPPING=1" in m for m in notify.messages())
 
 
+def test_a_stopped_daemon_leaves_without_interpreter_teardown(tmp_path):
+    """Tearing down an interpreter with torch loaded takes ~0.5 s of CPU here (seconds on a
+    small or busy board); once the final status is out, the process must just end."""
+    times = []
+    for trial in range(3):  # the median, so one scheduling hiccup does not decide
+        run_dir = tmp_path / str(trial)
+        run_dir.mkdir()
+        proc, sub, notify = start(run_dir, "--source", "demo", "--realtime")
+        notify.wait_for("READY=1")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        proc.wait(timeout=10)
+        times.append(time.monotonic() - t)
+        assert proc.returncode == 0
+        sub.join(5)
+        assert sub.messages[-1][1].get("final") is True
+    assert sorted(times)[1] < 0.3, times
+
+
 def test_watchdog_is_petted_at_half_the_timeout(tmp_path):
     proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime",
                               watchdog_usec=400_000)
