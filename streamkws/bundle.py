@@ -32,7 +32,8 @@ from streamkws.models.registry import KWSModel
 FORMAT = "streamkws-bundle"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-BUNDLED = {"default": "default.skw", "default-float": "default-float.skw"}
+BUNDLED = {"default": "default.skw", "default-float": "default-float.skw",
+           "accurate": "accurate.skw"}
 
 
 # Quantization modes register how to rebuild their module structure from metadata, so a
@@ -121,6 +122,20 @@ class Bundle:
                     f"{other} ({speaker_split}); one would have trained on the other's "
                     "validation speakers (train both with the same --split-seed and --data)")
         return None
+
+    @property
+    def threshold(self) -> float | None:
+        """The detection threshold calibrated for this model, if its maker stored one.
+
+        The daemon uses it wherever its config leaves ``detect.threshold`` unset."""
+        value = self.meta.get("detect", {}).get("threshold")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            where = self.path or self.name
+            raise StreamKWSError(f"{where}: calibrated threshold must be within (0, 1] "
+                                 f"(got {value!r})")
+        return float(value)
 
     @property
     def frontend(self) -> FrontEndConfig:

@@ -85,7 +85,8 @@ class WindowConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "default"
-    """A bundle path, or a bundled model: ``default`` (int8) or ``default-float``."""
+    """A bundle path, or a bundled model: ``default`` (int8), ``default-float``, or
+    ``accurate`` (``default`` paired with a speech-embedding head; ~4x the CPU)."""
     threads: int = 1
     """torch threads for inference; 1 keeps the daemon to one core of a small board."""
     max_lag_ms: int = 500
@@ -103,12 +104,19 @@ class ModelConfig:
         return self
 
 
+DEFAULT_THRESHOLD = 0.75
+"""``detect.threshold`` for a model whose bundle carries no calibrated threshold."""
+
+
 @dataclass(frozen=True)
 class DetectConfig:
-    threshold: float = 0.75
+    threshold: float | None = None
     """Smoothed posterior a keyword must reach (keywords without their own threshold).
-    0.75 keeps the default model under one false alarm per 5 minutes on held-out streams
-    dense with other words, with the most recall (see the model card)."""
+    Unset: the threshold calibrated into the model's bundle, else ``DEFAULT_THRESHOLD``
+    (0.75, which keeps the ``default`` model under one false alarm per 5 minutes on
+    held-out streams dense with other words, with the most recall; see the model card).
+    A mixture of models, whose posteriors are means of several opinions, needs a lower
+    one, so a fixed number here would suit one model and not another."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Per-keyword thresholds, e.g. ``{ yes = 0.8, go = 0.9 }``."""
     average_windows: int = 3
@@ -120,8 +128,16 @@ class DetectConfig:
     ignore: tuple[str, ...] = ("_silence_", "_unknown_")
     """Labels that never publish."""
 
+    def for_model(self, calibrated: float | None) -> DetectConfig:
+        """These settings with the threshold filled in: this config's own if it sets one,
+        else the model's ``calibrated`` one, else ``DEFAULT_THRESHOLD``."""
+        if self.threshold is not None:
+            return self
+        chosen = DEFAULT_THRESHOLD if calibrated is None else float(calibrated)
+        return dataclasses.replace(self, threshold=chosen)
+
     def validate(self, prefix: str = "detect") -> DetectConfig:
-        if not 0.0 < self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"{prefix}.threshold",
                               f"must be within (0, 1] (got {self.threshold})")
         for k, v in self.thresholds.items():
@@ -336,7 +352,11 @@ def dumps(cfg: Config, header: str = "") -> str:
         section = getattr(cfg, f.name)
         lines += ["", f"[{f.name}]"]
         for sf in dataclasses.fields(section):
-            lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
+            value = getattr(section, sf.name)
+            if value is None:  # TOML has no null: an unset key is left out, and reads back unset
+                lines.append(f"# {sf.name}: unset")
+                continue
+            lines.append(f"{sf.name} = {_toml_value(value)}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

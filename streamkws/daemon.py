@@ -72,6 +72,7 @@ class Pipeline:
 
     def __init__(self, cfg: Config, bundle: Bundle) -> None:
         bundle.check_frontend(cfg.frontend)
+        cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
         self.cfg = cfg
         self.bundle = bundle
         self.frontend = FrontEnd(cfg.frontend, cfg.vad, cfg.windows.hop_frames(cfg.frontend))

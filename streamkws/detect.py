@@ -33,7 +33,7 @@ class Smoother:
     """Feed one window at a time (probabilities, or None when the model did not run)."""
 
     def __init__(self, labels: list[str], cfg: DetectConfig, sample_rate: int = 16000) -> None:
-        cfg.validate()
+        cfg = cfg.for_model(None).validate()  # the daemon passes the model's threshold in
         self.labels = list(labels)
         self.cfg = cfg
         self.sample_rate = sample_rate

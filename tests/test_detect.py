@@ -88,3 +88,49 @@ def test_closed_gate_windows_count_as_no_evidence():
 def test_threshold_for_a_keyword_the_model_lacks_names_the_key():
     with pytest.raises(ConfigError, match=r"detect\.thresholds\.hello"):
         Smoother(LABELS, DetectConfig(thresholds={"hello": 0.9}))
+
+
+def test_an_unset_threshold_is_the_models_calibrated_one_else_0_75():
+    assert DetectConfig().for_model(0.62).threshold == 0.62
+    assert DetectConfig().for_model(None).threshold == 0.75
+    assert DetectConfig(threshold=0.8).for_model(0.62).threshold == 0.8  # the config wins
+    # Used without a model (tools, tests), the smoother falls back to 0.75 as well.
+    assert Smoother(LABELS, DetectConfig()).thresholds.tolist() == [0.75, 0.75]
+
+
+def test_the_daemon_uses_a_bundles_calibrated_threshold_unless_the_config_sets_one(tmp_path):
+    from streamkws.bundle import load_bundle
+    from streamkws.config import Config
+    from streamkws.daemon import Pipeline
+
+    b = load_bundle("default")
+    b.meta["detect"] = {"threshold": 0.6}
+    b.save(tmp_path / "calibrated.skw")
+    b = load_bundle(tmp_path / "calibrated.skw")  # the threshold survives saving
+    assert b.threshold == 0.6
+    kws = len(b.labels) - 2
+    assert Pipeline(Config(), b).smoother.thresholds.tolist() == [0.6] * kws
+    own = Config().replace(detect=DetectConfig(threshold=0.8, thresholds={"yes": 0.9}))
+    assert Pipeline(own, b).smoother.thresholds.tolist() == [0.9] + [0.8] * (kws - 1)
+    assert Pipeline(Config(), load_bundle("default")).smoother.thresholds.tolist() == [0.75] * kws
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, "0.6", True])
+def test_a_bundle_with_a_nonsense_threshold_is_refused_by_name(tmp_path, bad):
+    from streamkws.bundle import load_bundle
+    from streamkws.config import Config
+    from streamkws.daemon import Pipeline
+    from streamkws.errors import StreamKWSError
+
+    b = load_bundle("default")
+    b.meta["detect"] = {"threshold": bad}
+    b.save(tmp_path / "bad.skw")
+    with pytest.raises(StreamKWSError, match=r"bad\.skw: calibrated threshold must be within"):
+        Pipeline(Config(), load_bundle(tmp_path / "bad.skw"))
+
+
+def test_an_unset_threshold_survives_a_written_config(tmp_path):
+    from streamkws.config import Config, dumps, load
+
+    (tmp_path / "c.toml").write_text(dumps(Config()))
+    assert load(tmp_path / "c.toml").detect.threshold is None

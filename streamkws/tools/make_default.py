@@ -115,9 +115,8 @@ def _make_default(args: argparse.Namespace) -> int:
 
 def threshold_note(tradeoff: list) -> str:
     """What the shipped default threshold does on these streams, in words."""
-    from streamkws.config import DetectConfig
+    from streamkws.config import DEFAULT_THRESHOLD as default
 
-    default = DetectConfig().threshold
     row = next((r for r in tradeoff if abs(r[0] - default) < 1e-9), None)
     if row is None:
         return f"The default `detect.threshold` ({default}) is not in the table above."

@@ -425,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(cfg.model.threads)
     bundle = load_bundle(cfg.model.name)
+    # Calibration and the report start from the threshold the daemon would use.
+    cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
     r = run_pipeline(cfg, bundle, args.audio, progress=not (args.quiet or args.json))
     kws = keywords_of(r, cfg.detect)
     unknown = sorted({u.keyword for u in truth} - set(kws))
