@@ -209,7 +209,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    help="TOML config (default: $STREAMKWS_CONFIG, /etc/streamkws/streamkws.toml)")
     r.add_argument("--source", metavar="S",
                    help="mic, mic:<index or name>, wav:<path>, - (s16le on stdin), demo")
-    r.add_argument("--model", metavar="M", help="bundle path, or default / default-float")
+    r.add_argument("--model", metavar="M",
+                   help="bundle path, or default / default-float / accurate")
     r.add_argument("--publish", metavar="EP", help="ZeroMQ endpoint to bind (tcp:// or ipc://)")
     pace = r.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,

@@ -7,7 +7,7 @@ import pytest
 
 from streamkws.bundle import BUNDLED_DIR, load_bundle
 from streamkws.cli import main
-from streamkws.config import DetectConfig
+from streamkws.config import DEFAULT_THRESHOLD
 from streamkws.data import DEFAULT_LABELS
 from streamkws.features import FrontEndConfig
 from streamkws.tools.make_default import distillation_note, threshold_note
@@ -38,8 +38,39 @@ def test_the_model_card_states_the_validation_figures():
 def test_the_model_card_describes_the_shipped_threshold_within_one_false_alarm_per_5_min():
     """The card is regenerated whenever the model or the default threshold changes."""
     card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
-    assert f"At the default `detect.threshold` ({DetectConfig().threshold}):" in card
+    assert load_bundle("default").threshold is None  # so the daemon's fallback applies
+    assert f"At the default `detect.threshold` ({DEFAULT_THRESHOLD}):" in card
     assert "within the target of one" in card
+
+
+def test_accurate_is_the_default_network_paired_with_a_speech_embedding_head():
+    a, f = load_bundle("accurate"), load_bundle("default-float")
+    assert a.meta["arch"] == "ensemble" and a.quantization == "dynamic"
+    assert [m["arch"] for m in a.meta["arch_kwargs"]["members"]] == [f.meta["arch"],
+                                                                     "speech_embedding"]
+    assert a.labels == f.labels and a.frontend == f.frontend
+    assert a.meta["training"]["members"][0]["sha256"] == f.sha256
+    assert (BUNDLED_DIR / "accurate.skw").stat().st_size <= 2 * 1024 * 1024
+
+
+def test_accurate_carries_the_lower_threshold_its_card_calibrates():
+    """A mean of two opinions peaks lower than one network's: its threshold travels with it."""
+    thr = load_bundle("accurate").threshold
+    assert thr is not None and 0.5 <= thr < DEFAULT_THRESHOLD
+    card = (BUNDLED_DIR / "MODEL_CARD-accurate.md").read_text()
+    assert f"`detect.threshold` **{thr}**" in card and f"| {thr:.2f} (stored) |" in card
+    assert "Apache License 2.0" in card
+
+
+def test_the_calibration_takes_the_most_recall_within_budget_and_the_higher_of_ties():
+    from streamkws.errors import StreamKWSError
+    from streamkws.tools.make_accurate import choose_threshold
+
+    rows = [(0.5, 0.95, 95, 100, 9, 10.0), (0.6, 0.9, 90, 100, 2, 10.0),
+            (0.62, 0.9, 90, 100, 1, 10.0), (0.7, 0.8, 80, 100, 0, 10.0)]
+    assert choose_threshold(rows)[0] == 0.62
+    with pytest.raises(StreamKWSError, match="no threshold"):
+        choose_threshold(rows[:1])
 
 
 def test_the_card_says_plainly_when_the_threshold_misses_the_target():

@@ -19,23 +19,25 @@ from tests.e2e import Subscriber, free_port
 pytest_plugins = ["pulse"]
 
 
-def run_daemon(source: str, endpoint: str, *extra: str) -> subprocess.Popen:
+def run_daemon(source: str, endpoint: str, *extra: str, model: str = "default"
+               ) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "streamkws", "run", "--source", source, "--publish", endpoint,
-         "--model", "default", "--quiet", "--wait-subscribers", "1", *extra],
+         "--model", model, "--quiet", "--wait-subscribers", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
 @pytest.fixture(scope="module")
-def replay(data_dir, tmp_path_factory):
-    """One fast replay of a ~5-minute held-out stream, shared by the checks below."""
+def replay(request, data_dir, tmp_path_factory):
+    """One fast replay of a ~5-minute held-out stream per bundled model (``request.param``),
+    shared by the checks below."""
     wav, truth = heldout_stream(data_dir, tmp_path_factory.mktemp("e2e") / "stream.wav",
                                 n_per_keyword=3, n_unknown=45)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     sub = Subscriber(endpoint, timeout=240)
     sub.start()
-    proc = run_daemon(f"wav:{wav}", endpoint, "--fast")
+    proc = run_daemon(f"wav:{wav}", endpoint, "--fast", model=request.param)
     sub.join(250)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -43,30 +45,40 @@ def replay(data_dir, tmp_path_factory):
     return sub, truth, score(sub.detections(), truth)
 
 
-# The two criteria below are what the issue asks and what the current default model does
-# not reach on this stream (measured at the default threshold 0.75: recall 0.67, 2 false
-# detections in 3.7 min; on three other held-out streams recall 0.82 with 0.47 false alarms
-# per 5 min, on 43 min of held-out recordings 0.80 with 0.47). strict=True: the day a model
-# meets them, these turn red until the marker is removed, so the shortfall cannot be
-# forgotten or silently passed.
+# The bundled models, each replayed once. The criteria below are what the issue asks; a
+# model that does not meet one is marked as a shortfall there. Measured on this stream:
+# `default` at its threshold 0.75 finds 0.67 with 2 false detections in 3.7 min (on three
+# other held-out streams 0.82 with 0.47 false alarms per 5 min, on 43 min of held-out
+# recordings 0.80 with 0.47); `accurate` at its calibrated threshold finds 0.83 with none.
+# strict=True: the day a model meets a criterion, its case turns red until the marker is
+# removed, so a shortfall can be neither forgotten nor silently passed.
 MODEL_SHORTFALL = pytest.mark.xfail(
     strict=True,
-    reason="default model not yet good enough on unknown-word-dense held-out streams",
+    reason="model not yet good enough on unknown-word-dense held-out streams",
 )
+MODELS = ("default", "accurate")
 
 
-@MODEL_SHORTFALL
+def models(*, short_of: tuple[str, ...] = ()) -> pytest.MarkDecorator:
+    """Run a check on each bundled model's replay; ``short_of``: the models that fail it."""
+    return pytest.mark.parametrize(
+        "replay", [pytest.param(m, marks=MODEL_SHORTFALL) if m in short_of else m
+                   for m in MODELS], indirect=True)
+
+
+@models(short_of=("default", "accurate"))
 def test_recall_on_held_out_speakers_is_at_least_90_percent(replay):
     _, _, s = replay
     missed = [(p.word, round(p.start, 2)) for p in s["missed"]]
     assert s["recall"] >= 0.90, f"recall {s['recall']:.2f}, missed {missed}"
 
 
+@models()
 def test_one_utterance_gives_one_detection(replay):
     assert replay[2]["duplicates"] == 0
 
 
-@MODEL_SHORTFALL
+@models(short_of=("default",))
 def test_at_most_one_false_detection_per_five_minutes_of_other_audio(replay):
     s = replay[2]
     allowed = s["non_keyword_minutes"] / 5.0
@@ -74,6 +86,7 @@ def test_at_most_one_false_detection_per_five_minutes_of_other_audio(replay):
     assert len(s["false"]) <= max(1.0, allowed), f"{false} in {s['non_keyword_minutes']:.1f} min"
 
 
+@models()
 def test_every_detection_locates_its_utterance(replay):
     _, truth, s = replay
     # score() counts a detection as a hit only if [t_start, t_end] overlaps the truth.
@@ -82,6 +95,7 @@ def test_every_detection_locates_its_utterance(replay):
     assert s["hits"] + len(s["false"]) + s["duplicates"] == len(replay[0].detections())
 
 
+@models()
 def test_seq_has_no_gaps_and_the_stream_ends_with_a_final_status(replay):
     sub, truth, _ = replay
     seqs = [m["seq"] for _, m, _ in sub.messages]
