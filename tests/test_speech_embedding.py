@@ -16,6 +16,8 @@ from streamkws.features import FrontEndConfig, LogMel
 from streamkws.models import build_model
 from streamkws.models.speech_embedding import (
     EMBED_DIM,
+    EMBED_FRAMES,
+    EMBED_STARTS,
     backbone_from_onnx,
     embedding_filterbank,
     load_backbone,
@@ -79,6 +81,14 @@ def test_the_converted_backbone_gives_onnxruntimes_embeddings():
         got = net.backbone(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want.reshape(8, EMBED_DIM), atol=1e-3)
     assert np.abs(want).max() > 1  # a real comparison, not of two near-zero outputs
+    # The one pass the model makes over a window gives each 80-ms-apart slice's own.
+    span = np.random.default_rng(1).normal(1.0, 1.0, size=(2, 92, 32)).astype(np.float32)
+    slices = np.concatenate([span[:, s:s + 76] for s in (0, 8, 16)])[..., None]
+    want = ort.InferenceSession(str(path)).run(None, {"input_1": slices})[0]
+    with torch.inference_mode():
+        got = net.backbone.sequence(torch.from_numpy(span))
+    np.testing.assert_allclose(got.transpose(0, 1).reshape(6, EMBED_DIM),
+                               want.reshape(6, EMBED_DIM), atol=1e-3)
 
 
 @needs_onnx
@@ -89,6 +99,22 @@ def test_the_embeddings_filterbank_is_the_mel_models_own():
     graph = onnx.load(str(_onnx_dir() / "melspectrogram.onnx")).graph
     mel_w = next(numpy_helper.to_array(i) for i in graph.initializer if i.name == "1.melW")
     np.testing.assert_allclose(embedding_filterbank(), mel_w, rtol=1e-4, atol=1e-7)
+
+
+def test_one_pass_over_a_window_equals_embedding_each_slice_alone():
+    """The window's three embeddings come from one convolutional pass over its 92 frames,
+    not three passes over overlapping slices: the same numbers for 40% of the work."""
+    torch.manual_seed(0)
+    net = build_model("speech_embedding", n_classes=4, n_frames=98, n_mels=40).eval()
+    net.fit_bridge(LogMel(FrontEndConfig()))
+    x = torch.from_numpy(np.random.default_rng(0).normal(-4, 2, (5, 98, 40)).astype(np.float32))
+    with torch.inference_mode():
+        m = net.embedding_mels(x)
+        alone = torch.stack([net.backbone(m[:, s:s + EMBED_FRAMES]) for s in EMBED_STARTS], 1)
+        together = net.embed(x)
+    assert together.shape == (5, len(EMBED_STARTS), EMBED_DIM)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert alone.std(dim=0).mean() > 0.01  # inputs give different embeddings: a real check
 
 
 def test_a_file_that_is_not_the_embedding_is_refused_by_name(tmp_path):

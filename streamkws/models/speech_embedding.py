@@ -37,6 +37,10 @@ EMBED_STARTS = (0, 8, 16)
 """First frames of the window's three embeddings: 80 ms apart, as openWakeWord steps them."""
 EMBED_BANDS = 32
 EMBED_DIM = 96
+EMBED_STRIDE = 8
+"""The backbone's pooling along time (2 x 2 x 2): run over a longer span, it yields one
+embedding per this many frames, each equal to embedding its own 76-frame slice."""
+assert all(s % EMBED_STRIDE == 0 for s in EMBED_STARTS), "starts must sit on the stride"
 
 # The backbone, in order: convolutions as (in, out, kernel) and max-pools as ("pool", size).
 # Kernels 3 wide along the bands pad them ("same"); kernels along time do not.
@@ -88,6 +92,18 @@ class SpeechEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         return self.layers(x).flatten(1)
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, T, 32)`` -> ``(N, (T - 76) // 8 + 1, 96)``: the embeddings of the slices
+        starting every ``EMBED_STRIDE`` frames, in one pass.
+
+        The network is convolutional along time (no padding there) and its pools, at
+        cumulative strides 1, 2 and 4, all fall on slice boundaries that are multiples of 8
+        frames; so each output step equals :meth:`forward` on its own slice, while the
+        overlapping frames are computed once (1.2 slices' work for three slices 80 ms
+        apart, not 3)."""
+        x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        return self.layers(x).squeeze(3).transpose(1, 2)
 
     def convs(self) -> list[nn.Conv2d]:
         return [m.conv for m in self.layers if isinstance(m, _ConvAct)]
@@ -209,10 +225,9 @@ class EmbeddingKWS(KWSNet):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-Mel windows ``(B, T, n_mels)`` -> embeddings ``(B, 3, 96)``."""
-        m = self.embedding_mels(x)
-        frames = torch.stack([m[:, s:s + EMBED_FRAMES] for s in EMBED_STARTS], 1)
-        return self.backbone(frames.flatten(0, 1)).reshape(len(x), len(EMBED_STARTS),
-                                                            EMBED_DIM)
+        m = self.embedding_mels(x)[:, :self.min_frames]
+        steps = self.backbone.sequence(m)
+        return steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]]
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x.squeeze(1)))
