@@ -86,7 +86,7 @@ class WindowConfig:
 class ModelConfig:
     name: str = "default"
     """A bundle path, or a bundled model: ``default`` (int8), ``default-float``, or
-    ``accurate`` (``default`` paired with a speech-embedding head; ~4x the CPU)."""
+    ``accurate`` (``default`` paired with a speech-embedding head; ~3x the CPU)."""
     threads: int = 1
     """torch threads for inference; 1 keeps the daemon to one core of a small board."""
     max_lag_ms: int = 500
