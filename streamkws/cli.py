@@ -291,6 +291,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--passes", type=int, default=12, metavar="N",
                    help="with --backbone: augmented passes over the training clips embedded "
                         "once for the head to learn from (default 12)")
+    t.add_argument("--unfreeze", type=int, default=0, metavar="N",
+                   help="with --backbone: also train the embedding's last N convolutions "
+                        "(0..9, at a tenth of the learning rate; default 0, head only)")
     t.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, metavar="M", help="bundle file to write")

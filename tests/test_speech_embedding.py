@@ -152,9 +152,27 @@ def test_only_the_head_learns_and_the_bundle_reads_raw_features(embedding_bundle
     assert torch.equal(trained["mean"], torch.zeros(40))  # identity normalisation
     assert torch.equal(trained["inv_std"], torch.ones(40))
     t = embedding_bundle.meta["training"]
-    assert t["backbone"] == {"file": "random.skw", "passes": 2}
+    assert t["backbone"] == {"file": "random.skw", "passes": 2, "unfreeze": 0}
     # embedded once: the clean clips and two augmented passes
     assert embedding_bundle.meta["arch"] == "speech_embedding"
+
+
+def test_unfreeze_trains_the_last_convolutions_too_and_nothing_before_them(
+        random_backbone, small_data, tmp_path, data_dir):
+    out = tmp_path / "tuned.skw"
+    cfg = TrainConfig(data=[small_data], out=out, arch="speech_embedding",
+                      backbone=random_backbone, passes=1, unfreeze=2, noise=data_dir / "noise",
+                      epochs=2, batch_size=32, val_fraction=0.3, seed=1, progress=False,
+                      threads=1, labels=LABELS)
+    tuned = train(cfg)
+    source = load_bundle(random_backbone).model.net.backbone
+    convs = [(a.weight, b.weight) for a, b in zip(source.convs(),
+                                                   tuned.model.net.backbone.convs(), strict=True)]
+    moved = [not torch.equal(a, b) for a, b in convs]
+    assert moved == [False] * 18 + [True, True]  # the last two convolutions, and only they
+    assert tuned.meta["training"]["backbone"]["unfreeze"] == 2
+    x = np.random.default_rng(0).normal(-6, 2, size=(3, 98, 40)).astype(np.float32)
+    np.testing.assert_allclose(load_bundle(out).predict(x), tuned.predict(x), atol=1e-6)
 
 
 def test_a_trained_embedding_bundle_reloads_and_predicts_the_same(embedding_bundle):
@@ -196,6 +214,9 @@ def test_backbone_options_are_refused_before_any_data_is_read(random_backbone, t
          "--passes must be within"),
         (["--arch", "speech_embedding", "--backbone", str(random_backbone), "--ema", "0.99"],
          "do not apply"),
+        (["--arch", "speech_embedding", "--backbone", str(random_backbone), "--unfreeze",
+          "10"], "--unfreeze must be within 0..9"),
+        (["--arch", "dscnn", "--unfreeze", "2"], "--unfreeze goes with --backbone"),
     ]
     for extra, message in cases:
         cfg_args = base + extra

@@ -361,3 +361,20 @@ def test_recalibration_gives_the_average_its_own_batchnorm_statistics():
                           atol=1e-5)
     assert bn.momentum == net[1].momentum and not avg.model.training
     assert torch.equal(torch.random.get_rng_state(), state)  # dropout drew nothing
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 11, 100, 1000])
+def test_the_learning_rate_schedule_survives_runs_of_any_length(total_steps):
+    """torch's one-cycle schedule divided by zero on runs of exactly 10 (or 2) steps."""
+    import torch
+
+    from streamkws.tools.train import warmup_share
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total_steps,
+                                                pct_start=warmup_share(total_steps))
+    for _ in range(total_steps):
+        opt.step()
+        sched.step()
+    assert warmup_share(1000) == 0.1

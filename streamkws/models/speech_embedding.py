@@ -172,6 +172,16 @@ def load_backbone(net: EmbeddingKWS, source: str | Path) -> None:
     net.backbone.load_state_dict(state, strict=True)
 
 
+class _Tail(nn.Module):
+    def __init__(self, layers: nn.Sequential, head: nn.Module) -> None:
+        super().__init__()
+        self.layers, self.head = layers, head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        steps = self.layers(h).squeeze(3).transpose(1, 2)
+        return self.head(steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]])
+
+
 @register("speech_embedding")
 class EmbeddingKWS(KWSNet):
     """Raw log-Mel window -> embedding's bands -> three frozen embeddings -> MLP head.
@@ -228,6 +238,27 @@ class EmbeddingKWS(KWSNet):
         m = self.embedding_mels(x)[:, :self.min_frames]
         steps = self.backbone.sequence(m)
         return steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]]
+
+    def split_for(self, unfreeze: int) -> int:
+        """Where in the backbone's layers its last ``unfreeze`` convolutions begin (0: the
+        end, nothing unfrozen)."""
+        convs = [i for i, m in enumerate(self.backbone.layers) if isinstance(m, _ConvAct)]
+        if isinstance(unfreeze, bool) or not isinstance(unfreeze, int) or \
+                not 0 <= unfreeze <= len(convs):
+            raise StreamKWSError(f"unfreeze must be within 0..{len(convs)} (got {unfreeze!r})")
+        return convs[-unfreeze] if unfreeze else len(self.backbone.layers)
+
+    def frozen_part(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Raw log-Mel windows -> the backbone's maps before layer ``split``: what stays
+        fixed while the layers from ``split`` on train, so it can be computed once."""
+        m = self.embedding_mels(x)[:, :self.min_frames]
+        return self.backbone.layers[:split](
+            m.unsqueeze(1).contiguous(memory_format=torch.channels_last))
+
+    def trainable_part(self, split: int) -> nn.Module:
+        """The backbone's layers from ``split`` on, and the head, as one module that reads
+        :meth:`frozen_part`'s maps; it shares this network's parameters."""
+        return _Tail(self.backbone.layers[split:], self.head)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x.squeeze(1)))

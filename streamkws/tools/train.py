@@ -81,6 +81,10 @@ class TrainConfig:
     passes: int = 12
     """``speech_embedding`` only: augmented passes over the training clips embedded once
     (the frozen backbone costs too much to run on every batch) for the head to learn from."""
+    unfreeze: int = 0
+    """``speech_embedding`` only: also train the backbone's last this-many convolutions (at
+    a tenth of the head's learning rate); the layers before them are still run once, and
+    their maps cached instead of the embeddings."""
 
     def check_backbone(self) -> None:
         """Refuse, before any data is read, a backbone run that cannot be done."""
@@ -88,6 +92,8 @@ class TrainConfig:
             raise StreamKWSError("--arch speech_embedding needs --backbone (openWakeWord's "
                                  "embedding_model.onnx), and --backbone only goes with it")
         if self.backbone is None:
+            if self.unfreeze:
+                raise StreamKWSError("--unfreeze goes with --backbone")
             return
         if self.ema or self.teacher:
             raise StreamKWSError("--backbone trains a head on embeddings computed once; "
@@ -95,6 +101,11 @@ class TrainConfig:
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or \
                 not 1 <= self.passes <= 100:
             raise StreamKWSError(f"--passes must be within 1..100 (got {self.passes!r})")
+        if isinstance(self.unfreeze, bool) or not isinstance(self.unfreeze, int) or \
+                not 0 <= self.unfreeze <= MAX_UNFREEZE:
+            raise StreamKWSError(f"--unfreeze must be within 0..{MAX_UNFREEZE} (got "
+                                 f"{self.unfreeze!r}); earlier layers' maps are too large "
+                                 "to cache")
         if not Path(self.backbone).is_file():
             raise StreamKWSError(f"--backbone {self.backbone}: no such file")
 
@@ -244,6 +255,11 @@ class BatchMaker:
         return torch.from_numpy(feats), torch.from_numpy(targets)
 
 
+MAX_UNFREEZE = 9
+"""The last 9 convolutions read maps of at most 27 KiB per window (float32): about 4 GB
+cached for 12 passes over 11k clips. The 10th from the end reads 85 KiB (12 GB)."""
+
+
 class CachedBatches:
     """Batches drawn from examples made once (a frozen backbone's embeddings)."""
 
@@ -257,16 +273,19 @@ class CachedBatches:
 
 def embed_passes(net: nn.Module, train_s: Split, val_feats: np.ndarray, logmel: LogMel,
                  make_batch: BatchMaker, passes: int, rng: np.random.Generator,
-                 progress: bool, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Embed the clean training clips and ``passes`` augmented passes over them once, and the
-    validation windows: (train embeddings, their labels, validation embeddings)."""
+                 progress: bool, split: int, batch: int = 256
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the frozen part of the backbone (its layers before ``split``) once over the clean
+    training clips, ``passes`` augmented passes over them, and the validation windows:
+    (train maps, their labels, validation maps). With nothing unfrozen the maps are the
+    embeddings themselves."""
     n = len(train_s.y)
     bar = _progress(n * (passes + 1) + len(val_feats), progress, "embedding", "window")
     out, labels = [], []
 
     def embed(feats: np.ndarray | torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            e = net.embed(torch.as_tensor(feats)).numpy()
+            e = net.frozen_part(torch.as_tensor(feats), split).contiguous().numpy()
         bar.update(len(e))
         return e
 
@@ -409,6 +428,15 @@ def train_epoch(model: nn.Module, order: np.ndarray, batch_size: int, steps: int
     return float(np.mean(losses))
 
 
+def warmup_share(total_steps: int) -> float:
+    """One-cycle warm-up: a tenth of the run, but at least two steps.
+
+    torch's OneCycleLR divides by zero when the warm-up ends on step 0 (exactly 10 steps
+    at a tenth, or 2 at a half): a short run on a small data set crashed with a traceback.
+    """
+    return min(0.45, max(0.1, 2.0 / total_steps))
+
+
 def train(cfg: TrainConfig) -> Bundle:
     """Train, keep the best model by validation accuracy, write it to ``cfg.out``."""
     from streamkws.models import build_model
@@ -442,19 +470,28 @@ def train(cfg: TrainConfig) -> Bundle:
     make_batch = augmented = BatchMaker(train_s.x, train_s.y, labels, noise, cfg.augment,
                                         logmel, mean)
     # What the optimiser trains, on which examples: the whole network on augmented batches,
-    # or only a frozen backbone's head on embeddings of augmented passes made once.
+    # or a frozen backbone's head (and its last --unfreeze layers) on the frozen part's
+    # output for augmented passes made once.
     trainee, train_y = model, train_s.y
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if cfg.backbone is not None:
+        split = net.split_for(cfg.unfreeze)
         emb, train_y, val_feats = embed_passes(net, train_s, val_feats, logmel, augmented,
-                                               cfg.passes, rng, cfg.progress)
-        trainee = net.head
+                                               cfg.passes, rng, cfg.progress, split)
+        trainee = net.trainable_part(split)
+        # Pretrained layers move gently: at the head's rate they would forget what they
+        # learnt from far more speakers than these clips hold.
+        trainee.layers.requires_grad_(True)
+        groups = [{"params": list(trainee.head.parameters())},
+                  {"params": list(trainee.layers.parameters()), "lr": cfg.lr / 10}]
         make_batch = augmented = CachedBatches(emb, train_y)
     steps_per_epoch = int(np.ceil(len(train_y) / cfg.batch_size))
-    opt = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+        opt, max_lr=[g.get("lr", cfg.lr) for g in groups], total_steps=total_steps,
+        pct_start=warmup_share(total_steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if teacher is not None:
         make_batch = TeacherTargets(make_batch, teacher.model, len(labels), cfg.distill_weight)
@@ -530,7 +567,8 @@ def train(cfg: TrainConfig) -> Bundle:
             "minutes": round((time.monotonic() - t_start) / 60, 2),
             "unknown_share": cfg.unknown_share,
             **({"ema": cfg.ema} if cfg.ema else {}),
-            **({"backbone": {"file": Path(cfg.backbone).name, "passes": cfg.passes}}
+            **({"backbone": {"file": Path(cfg.backbone).name, "passes": cfg.passes,
+                             "unfreeze": cfg.unfreeze}}
                if cfg.backbone is not None else {}),
             **({"teacher": {"name": teacher.name, "sha256": teacher.sha256,
                             "arch": teacher.meta["arch"], "weight": cfg.distill_weight}}
@@ -594,6 +632,7 @@ def config_from_args(args) -> TrainConfig:
         teacher=Path(args.teacher) if args.teacher else None,
         distill_weight=args.distill_weight, ema=args.ema,
         backbone=Path(args.backbone) if args.backbone else None, passes=args.passes,
+        unfreeze=args.unfreeze,
     )
 
 
