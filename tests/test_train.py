@@ -122,6 +122,9 @@ def test_dynamically_quantized_bundle_round_trips(tiny_bundle, tmp_path):
     assert any("quantized" in type(m).__module__ for m in loaded.model.modules())
 
 
+# The hostile file is pickled with protocol 4, which torch's safe loader warns about
+# before refusing it: expected here, not noise for the suite's summary.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bundle_loading_never_unpickles_arbitrary_objects(tmp_path):
     class Evil:
         def __reduce__(self):
