@@ -172,14 +172,20 @@ def load_backbone(net: EmbeddingKWS, source: str | Path) -> None:
     net.backbone.load_state_dict(state, strict=True)
 
 
+def _window_embeddings(maps: torch.Tensor) -> torch.Tensor:
+    """The backbone's output over a window ``(B, 96, steps, 1)`` -> the three embeddings
+    a window is classified by, ``(B, 3, 96)``."""
+    steps = maps.squeeze(3).transpose(1, 2)
+    return steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]]
+
+
 class _Tail(nn.Module):
     def __init__(self, layers: nn.Sequential, head: nn.Module) -> None:
         super().__init__()
         self.layers, self.head = layers, head
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        steps = self.layers(h).squeeze(3).transpose(1, 2)
-        return self.head(steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]])
+        return self.head(_window_embeddings(self.layers(h)))
 
 
 @register("speech_embedding")
@@ -235,9 +241,7 @@ class EmbeddingKWS(KWSNet):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-Mel windows ``(B, T, n_mels)`` -> embeddings ``(B, 3, 96)``."""
-        m = self.embedding_mels(x)[:, :self.min_frames]
-        steps = self.backbone.sequence(m)
-        return steps[:, [s // EMBED_STRIDE for s in EMBED_STARTS]]
+        return _window_embeddings(self.frozen_part(x, len(self.backbone.layers)))
 
     def split_for(self, unfreeze: int) -> int:
         """Where in the backbone's layers its last ``unfreeze`` convolutions begin (0: the
