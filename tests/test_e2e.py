@@ -109,7 +109,8 @@ def test_seq_has_no_gaps_and_the_stream_ends_with_a_final_status(replay):
 
 
 @pytest.mark.pulse
-def test_realtime_microphone_path_hears_the_keywords(pulse_server, data_dir, tmp_path):
+@pytest.mark.parametrize("model", MODELS)
+def test_realtime_microphone_path_hears_the_keywords(pulse_server, data_dir, tmp_path, model):
     """Real capture: the stream is played into PulseAudio's null sink and the daemon
     listens on its monitor through PortAudio, paced by the sound server's clock."""
     wav, truth = heldout_stream(data_dir, tmp_path / "mic.wav", n_per_keyword=1, n_unknown=3,
@@ -117,7 +118,7 @@ def test_realtime_microphone_path_hears_the_keywords(pulse_server, data_dir, tmp
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     sub = Subscriber(endpoint, timeout=120)
     sub.start()
-    proc = run_daemon(f"mic:{pulse_server.device}", endpoint)
+    proc = run_daemon(f"mic:{pulse_server.device}", endpoint, model=model)
     time.sleep(0.5)
     deadline = time.monotonic() + 20
     while not sub.messages and time.monotonic() < deadline:  # the daemon is listening
