@@ -175,6 +175,39 @@ def test_unfreeze_trains_the_last_convolutions_too_and_nothing_before_them(
     np.testing.assert_allclose(load_bundle(out).predict(x), tuned.predict(x), atol=1e-6)
 
 
+def test_high_bands_feed_the_head_the_bands_the_embedding_cannot_hear(
+        random_backbone, small_data, tmp_path, data_dir):
+    """With high_bands the head also reads the front end's top bands (80 ms averages); the
+    cached examples then hold embeddings and those values, and the bundle predicts from a
+    raw window exactly as training saw it."""
+    net = build_model("speech_embedding", n_classes=4, n_frames=98, n_mels=40, high_bands=9)
+    net.fit_bridge(LogMel(FrontEndConfig()))
+    net.eval()
+    x = torch.from_numpy(np.random.default_rng(0).normal(-4, 2, (3, 98, 40)).astype(np.float32))
+    end = len(net.backbone.layers)
+    with torch.inference_mode():
+        cached = net.frozen_part(x, end)
+        assert cached.shape == (3, 3 * EMBED_DIM + 11 * 9)
+        # The side values move with the top bands and with nothing below them.
+        y = x.clone()
+        y[:, :, :31] += 1.0
+        assert torch.equal(net.side(y), net.side(x))
+        y[:, :, 31:] += 1.0
+        assert not torch.equal(net.side(y), net.side(x))
+        torch.testing.assert_close(net.trainable_part(end)(cached), net.body(x.unsqueeze(1)))
+    with pytest.raises(StreamKWSError, match="high_bands"):
+        build_model("speech_embedding", n_classes=4, n_frames=98, n_mels=40, high_bands=41)
+    out = tmp_path / "hb.skw"
+    cfg = TrainConfig(data=[small_data], out=out, arch="speech_embedding",
+                      arch_kwargs={"high_bands": 9}, backbone=random_backbone, passes=1,
+                      noise=data_dir / "noise", epochs=2, batch_size=32, val_fraction=0.3,
+                      seed=1, progress=False, threads=1, labels=LABELS)
+    trained = train(cfg)
+    feats = np.random.default_rng(1).normal(-6, 2, size=(3, 98, 40)).astype(np.float32)
+    np.testing.assert_allclose(load_bundle(out).predict(feats), trained.predict(feats),
+                               atol=1e-6)
+
+
 def test_a_trained_embedding_bundle_reloads_and_predicts_the_same(embedding_bundle):
     again = load_bundle(embedding_bundle.path)
     x = np.random.default_rng(2).normal(-5, 2, size=(3, 98, 40)).astype(np.float32)
@@ -217,6 +250,8 @@ def test_backbone_options_are_refused_before_any_data_is_read(random_backbone, t
         (["--arch", "speech_embedding", "--backbone", str(random_backbone), "--unfreeze",
           "10"], "--unfreeze must be within 0..9"),
         (["--arch", "dscnn", "--unfreeze", "2"], "--unfreeze goes with --backbone"),
+        (["--arch", "speech_embedding", "--backbone", str(random_backbone), "--unfreeze", "2",
+          "--arch-arg", "high_bands=9"], "do not go together"),
     ]
     for extra, message in cases:
         cfg_args = base + extra

@@ -180,12 +180,26 @@ def _window_embeddings(maps: torch.Tensor) -> torch.Tensor:
 
 
 class _Tail(nn.Module):
-    def __init__(self, layers: nn.Sequential, head: nn.Module) -> None:
+    def __init__(self, layers: nn.Sequential, head: nn.Module, pick: bool = True) -> None:
         super().__init__()
-        self.layers, self.head = layers, head
+        self.layers, self.head, self.pick = layers, head, pick
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.pick:
+            return self.head(h)
         return self.head(_window_embeddings(self.layers(h)))
+
+
+class _SplitNorm(nn.Module):
+    """Separate layer norms for the embeddings and the side features, whose scales differ."""
+
+    def __init__(self, width: int, side: int) -> None:
+        super().__init__()
+        self.width = width
+        self.emb, self.side = nn.LayerNorm(width), nn.LayerNorm(side)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.emb(v[:, :self.width]), self.side(v[:, self.width:])], 1)
 
 
 @register("speech_embedding")
@@ -202,7 +216,7 @@ class EmbeddingKWS(KWSNet):
     statically_quantizable = False  # the bridge takes logs and powers
 
     def __init__(self, n_classes: int, n_frames: int, n_mels: int, hidden: int = 256,
-                 dropout: float = 0.3) -> None:
+                 dropout: float = 0.3, high_bands: int = 0) -> None:
         super().__init__(n_classes, n_frames, n_mels)
         if n_frames < self.min_frames:
             raise StreamKWSError(f"speech_embedding needs windows of at least "
@@ -214,8 +228,16 @@ class EmbeddingKWS(KWSNet):
         self.register_buffer("bridge", torch.zeros(n_mels, EMBED_BANDS))
         self.register_buffer("log_offset", torch.tensor(1e-6))
         width = len(EMBED_STARTS) * EMBED_DIM
+        # The embedding hears 60-3800 Hz only; the /f/ and /s/ that tell `off` from `up`
+        # lie mostly above. high_bands feeds the head the front end's top bands as well.
+        self.high_bands = check_int("high_bands", high_bands, 0)
+        if self.high_bands > n_mels:
+            raise StreamKWSError(f"model option 'high_bands' must be at most n_mels "
+                                 f"({n_mels}) (got {high_bands})")
+        side = self.high_bands * (self.min_frames // EMBED_STRIDE)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
+            nn.Flatten(), _SplitNorm(width, side) if side else nn.LayerNorm(width),
+            nn.Linear(width + side, hidden), nn.GELU(),
             nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
             nn.Linear(hidden, n_classes))
 
@@ -252,20 +274,41 @@ class EmbeddingKWS(KWSNet):
             raise StreamKWSError(f"unfreeze must be within 0..{len(convs)} (got {unfreeze!r})")
         return convs[-unfreeze] if unfreeze else len(self.backbone.layers)
 
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        """The front end's top ``high_bands`` log-Mel bands (with the default front end, the
+        top 9 start above the embedding's 3.8 kHz), averaged over 80 ms steps:
+        ``(B, steps * high_bands)``."""
+        hi = x[:, :self.min_frames, -self.high_bands:]
+        steps = self.min_frames // EMBED_STRIDE
+        return hi[:, :steps * EMBED_STRIDE].reshape(len(x), steps, EMBED_STRIDE, -1).mean(2) \
+            .flatten(1)
+
     def frozen_part(self, x: torch.Tensor, split: int) -> torch.Tensor:
         """Raw log-Mel windows -> the backbone's maps before layer ``split``: what stays
         fixed while the layers from ``split`` on train, so it can be computed once."""
         m = self.embedding_mels(x)[:, :self.min_frames]
-        return self.backbone.layers[:split](
+        maps = self.backbone.layers[:split](
             m.unsqueeze(1).contiguous(memory_format=torch.channels_last))
+        if self.high_bands:
+            if split != len(self.backbone.layers):
+                raise StreamKWSError("model option 'high_bands' goes only with a frozen "
+                                     "backbone (no --unfreeze)")
+            # The cached example is then the embeddings and side values, flat.
+            return torch.cat([_window_embeddings(maps).flatten(1), self.side(x)], 1)
+        return maps
 
     def trainable_part(self, split: int) -> nn.Module:
         """The backbone's layers from ``split`` on, and the head, as one module that reads
         :meth:`frozen_part`'s maps; it shares this network's parameters."""
+        if self.high_bands:
+            return _Tail(nn.Sequential(), self.head, pick=False)
         return _Tail(self.backbone.layers[split:], self.head)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x.squeeze(1)))
+        x = x.squeeze(1)
+        if self.high_bands:
+            return self.head(self.frozen_part(x, len(self.backbone.layers)))
+        return self.head(self.embed(x))
 
     def fuse_model(self) -> None:
         raise StreamKWSError("speech_embedding cannot be statically quantized (its bridge "

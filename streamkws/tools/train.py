@@ -106,6 +106,9 @@ class TrainConfig:
             raise StreamKWSError(f"--unfreeze must be within 0..{MAX_UNFREEZE} (got "
                                  f"{self.unfreeze!r}); earlier layers' maps are too large "
                                  "to cache")
+        if self.unfreeze and self.arch_kwargs.get("high_bands"):
+            raise StreamKWSError("--unfreeze and --arch-arg high_bands do not go together "
+                                 "(the side input is built for a frozen backbone)")
         if not Path(self.backbone).is_file():
             raise StreamKWSError(f"--backbone {self.backbone}: no such file")
 
