@@ -86,8 +86,8 @@ def test_the_converted_backbone_gives_onnxruntimes_embeddings():
     slices = np.concatenate([span[:, s:s + 76] for s in (0, 8, 16)])[..., None]
     want = ort.InferenceSession(str(path)).run(None, {"input_1": slices})[0]
     with torch.inference_mode():
-        got = net.backbone.sequence(torch.from_numpy(span))
-    np.testing.assert_allclose(got.transpose(0, 1).reshape(6, EMBED_DIM),
+        got = net.backbone.maps(torch.from_numpy(span)).squeeze(3).permute(2, 0, 1)
+    np.testing.assert_allclose(got.reshape(6, EMBED_DIM),
                                want.reshape(6, EMBED_DIM), atol=1e-3)
 
 

@@ -90,20 +90,20 @@ class SpeechEmbedding(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
-        return self.layers(x).flatten(1)
+        return self.maps(x).flatten(1)
 
-    def sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, T, 32)`` -> ``(N, (T - 76) // 8 + 1, 96)``: the embeddings of the slices
-        starting every ``EMBED_STRIDE`` frames, in one pass.
+    def maps(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """``(N, T, 32)`` -> the maps after the first ``upto`` layers (all by default).
 
-        The network is convolutional along time (no padding there) and its pools, at
+        Over all layers, ``T`` frames give ``(N, 96, (T - 76) // 8 + 1, 1)``: the
+        embeddings of the slices starting every ``EMBED_STRIDE`` frames, in one pass. The
+        network is convolutional along time (no padding there) and its pools, at
         cumulative strides 1, 2 and 4, all fall on slice boundaries that are multiples of 8
-        frames; so each output step equals :meth:`forward` on its own slice, while the
+        frames; so each step equals :meth:`forward` on its own slice, while the
         overlapping frames are computed once (1.2 slices' work for three slices 80 ms
         apart, not 3)."""
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
-        return self.layers(x).squeeze(3).transpose(1, 2)
+        return self.layers[:upto](x)
 
     def convs(self) -> list[nn.Conv2d]:
         return [m.conv for m in self.layers if isinstance(m, _ConvAct)]
@@ -180,13 +180,11 @@ def _window_embeddings(maps: torch.Tensor) -> torch.Tensor:
 
 
 class _Tail(nn.Module):
-    def __init__(self, layers: nn.Sequential, head: nn.Module, pick: bool = True) -> None:
+    def __init__(self, layers: nn.Sequential, head: nn.Module) -> None:
         super().__init__()
-        self.layers, self.head, self.pick = layers, head, pick
+        self.layers, self.head = layers, head
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.pick:
-            return self.head(h)
         return self.head(_window_embeddings(self.layers(h)))
 
 
@@ -263,7 +261,10 @@ class EmbeddingKWS(KWSNet):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-Mel windows ``(B, T, n_mels)`` -> embeddings ``(B, 3, 96)``."""
-        return _window_embeddings(self.frozen_part(x, len(self.backbone.layers)))
+        return _window_embeddings(self.backbone.maps(self._mels(x)))
+
+    def _mels(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_mels(x)[:, :self.min_frames]
 
     def split_for(self, unfreeze: int) -> int:
         """Where in the backbone's layers its last ``unfreeze`` convolutions begin (0: the
@@ -284,31 +285,29 @@ class EmbeddingKWS(KWSNet):
             .flatten(1)
 
     def frozen_part(self, x: torch.Tensor, split: int) -> torch.Tensor:
-        """Raw log-Mel windows -> the backbone's maps before layer ``split``: what stays
-        fixed while the layers from ``split`` on train, so it can be computed once."""
-        m = self.embedding_mels(x)[:, :self.min_frames]
-        maps = self.backbone.layers[:split](
-            m.unsqueeze(1).contiguous(memory_format=torch.channels_last))
-        if self.high_bands:
-            if split != len(self.backbone.layers):
+        """Raw log-Mel windows -> what stays fixed while the backbone's layers from
+        ``split`` on train, so it can be computed once: the maps before layer ``split``,
+        or, with the whole backbone frozen, the head's input itself (the embeddings, and
+        the side values with ``high_bands``)."""
+        if split < len(self.backbone.layers):
+            if self.high_bands:
                 raise StreamKWSError("model option 'high_bands' goes only with a frozen "
                                      "backbone (no --unfreeze)")
-            # The cached example is then the embeddings and side values, flat.
-            return torch.cat([_window_embeddings(maps).flatten(1), self.side(x)], 1)
-        return maps
+            return self.backbone.maps(self._mels(x), split)
+        if self.high_bands:
+            return torch.cat([self.embed(x).flatten(1), self.side(x)], 1)
+        return self.embed(x)
 
     def trainable_part(self, split: int) -> nn.Module:
-        """The backbone's layers from ``split`` on, and the head, as one module that reads
-        :meth:`frozen_part`'s maps; it shares this network's parameters."""
-        if self.high_bands:
-            return _Tail(nn.Sequential(), self.head, pick=False)
+        """What reads :meth:`frozen_part`'s output: the backbone's layers from ``split`` on
+        and the head, sharing this network's parameters (just the head when the whole
+        backbone is frozen)."""
+        if split == len(self.backbone.layers):
+            return self.head
         return _Tail(self.backbone.layers[split:], self.head)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.squeeze(1)
-        if self.high_bands:
-            return self.head(self.frozen_part(x, len(self.backbone.layers)))
-        return self.head(self.embed(x))
+        return self.head(self.frozen_part(x.squeeze(1), len(self.backbone.layers)))
 
     def fuse_model(self) -> None:
         raise StreamKWSError("speech_embedding cannot be statically quantized (its bridge "

@@ -264,7 +264,7 @@ cached for 12 passes over 11k clips. The 10th from the end reads 85 KiB (12 GB).
 
 
 class CachedBatches:
-    """Batches drawn from examples made once (a frozen backbone's embeddings)."""
+    """Batches drawn from examples made once (what a frozen backbone part computes)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
@@ -482,11 +482,11 @@ def train(cfg: TrainConfig) -> Bundle:
         emb, train_y, val_feats = embed_passes(net, train_s, val_feats, logmel, augmented,
                                                cfg.passes, rng, cfg.progress, split)
         trainee = net.trainable_part(split)
+        tuned = net.backbone.layers[split:].requires_grad_(True)
         # Pretrained layers move gently: at the head's rate they would forget what they
         # learnt from far more speakers than these clips hold.
-        trainee.layers.requires_grad_(True)
-        groups = [{"params": list(trainee.head.parameters())},
-                  {"params": list(trainee.layers.parameters()), "lr": cfg.lr / 10}]
+        groups = [{"params": list(net.head.parameters())},
+                  {"params": list(tuned.parameters()), "lr": cfg.lr / 10}]
         make_batch = augmented = CachedBatches(emb, train_y)
     steps_per_epoch = int(np.ceil(len(train_y) / cfg.batch_size))
     groups = [g for g in groups if g["params"]]
