@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
+from streamkws.config import DetectConfig
 from streamkws.errors import StreamKWSError, exit_status
 from streamkws.models.quant import quantize_dynamic
 from streamkws.tools.ensemble import build_ensemble
@@ -78,7 +79,8 @@ def _make_accurate(args: argparse.Namespace) -> int:
     costs = {b.name: (latency_ms(b, runs=1000), b.path.stat().st_size)
              for b in (default, load_bundle(path))}
     default_rows = stream_tradeoff(default, args.data, seeds=CALIBRATION_SEEDS,
-                                   thresholds=(default.threshold or 0.75,))
+                                   thresholds=(DetectConfig().for_model(default.threshold)
+                                               .threshold,))
     write_card(args.out / "MODEL_CARD-accurate.md", q, cnn, head, tradeoff, thr,
                default_rows[0], costs)
     for t, r, h, k, f, m in tradeoff:
