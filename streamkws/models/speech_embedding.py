@@ -270,8 +270,7 @@ class EmbeddingKWS(KWSNet):
         """Where in the backbone's layers its last ``unfreeze`` convolutions begin (0: the
         end, nothing unfrozen)."""
         convs = [i for i, m in enumerate(self.backbone.layers) if isinstance(m, _ConvAct)]
-        if isinstance(unfreeze, bool) or not isinstance(unfreeze, int) or \
-                not 0 <= unfreeze <= len(convs):
+        if check_int("unfreeze", unfreeze, 0) > len(convs):
             raise StreamKWSError(f"unfreeze must be within 0..{len(convs)} (got {unfreeze!r})")
         return convs[-unfreeze] if unfreeze else len(self.backbone.layers)
 
