@@ -28,18 +28,38 @@ class Placed:
     source: str
 
 
-def speech_bounds(x: np.ndarray, frame: int = 160, below_peak_db: float = 30.0) -> tuple[int,
-                                                                                        int]:
-    """First and last sample of the word in a clip: frames within ``below_peak_db`` of the
-    loudest frame and at least 12 dB above the clip's own noise floor (its quietest tenth),
-    so neither quiet breaths nor a noisy recording's background count as the word."""
+def speech_bounds(x: np.ndarray, frame: int = 160, below_peak_db: float = 30.0,
+                  fricative_ms: float = 300.0) -> tuple[int, int]:
+    """First and last sample of the word in a clip.
+
+    The core is the frames within ``below_peak_db`` of the loudest frame and at least 12 dB
+    above the clip's own noise floor (its quietest tenth), so neither quiet breaths nor a
+    noisy recording's background count as the word. Fricatives (the /f/ of "off", the /s/
+    of "yes" and "stop") carry a small share of a word's energy, and in a noisy clip they
+    fall under that floor: trimmed there, "off" would be cut to "o". So the core grows, up
+    to ``fricative_ms`` each way, over adjacent frames whose energy above 2 kHz stands
+    10 dB over that band's own floor."""
     n = len(x) // frame
     if n == 0:
         return 0, len(x)
-    e = 10 * np.log10((x[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(1) + 1e-12)
+    frames = x[: n * frame].reshape(n, frame).astype(np.float64)
+    e = 10 * np.log10((frames**2).mean(1) + 1e-12)
     threshold = max(e.max() - below_peak_db, np.percentile(e, 10) + 12.0)
     loud = np.flatnonzero(e >= min(threshold, e.max()))
-    return int(loud[0] * frame), int(min(len(x), (loud[-1] + 1) * frame))
+    first, last = int(loud[0]), int(loud[-1])
+    spectrum = np.abs(np.fft.rfft(frames * np.hanning(frame), axis=1)) ** 2
+    high = 10 * np.log10(spectrum[:, int(2000 * frame / SR):].sum(1) + 1e-12)
+    hiss = high > np.percentile(high, 10) + 10.0
+    reach = int(fricative_ms * SR / 1000 / frame)
+    for _ in range(reach):
+        if first == 0 or not hiss[first - 1]:
+            break
+        first -= 1
+    for _ in range(reach):
+        if last == n - 1 or not hiss[last + 1]:
+            break
+        last += 1
+    return first * frame, min(len(x), (last + 1) * frame)
 
 
 def speech_contrast_db(x: np.ndarray, frame: int = 160) -> float:
