@@ -62,15 +62,29 @@ def test_accurate_carries_the_lower_threshold_its_card_calibrates():
     assert "Apache License 2.0" in card
 
 
-def test_the_calibration_takes_the_most_recall_within_budget_and_the_higher_of_ties():
+def test_the_calibration_takes_the_most_recall_surely_within_budget_and_the_higher_of_ties():
     from streamkws.errors import StreamKWSError
     from streamkws.tools.make_accurate import choose_threshold
 
-    rows = [(0.5, 0.95, 95, 100, 9, 10.0), (0.6, 0.9, 90, 100, 2, 10.0),
-            (0.62, 0.9, 90, 100, 1, 10.0), (0.7, 0.8, 80, 100, 0, 10.0)]
-    assert choose_threshold(rows)[0] == 0.62
+    # 30 min of other audio: 3 false alarms are 0.5 per 5 min on average, but a rate of
+    # 1.1 is as likely to have given them; 2 stay under one per 5 min with 90 % confidence.
+    rows = [(0.5, 0.95, 95, 100, 9, 30.0), (0.6, 0.92, 92, 100, 3, 30.0),
+            (0.62, 0.9, 90, 100, 2, 30.0), (0.64, 0.9, 90, 100, 1, 30.0),
+            (0.7, 0.8, 80, 100, 0, 30.0)]
+    assert choose_threshold(rows)[0] == 0.64
     with pytest.raises(StreamKWSError, match="no threshold"):
-        choose_threshold(rows[:1])
+        choose_threshold(rows[:2])
+    # Ten minutes cannot show a rate under one per 5 min, even with no false alarm at all.
+    with pytest.raises(StreamKWSError, match="takes 11.5 min"):
+        choose_threshold([(0.9, 0.5, 50, 100, 0, 10.0)])
+
+
+def test_the_poisson_upper_limit_matches_its_tables():
+    from streamkws.tools.make_accurate import poisson_upper
+
+    # chi-square tables: half the 90 % point with 2k + 2 degrees of freedom
+    for k, table in [(0, 2.3026), (1, 3.8897), (2, 5.3223), (3, 6.6808), (10, 15.4066)]:
+        assert poisson_upper(k) == pytest.approx(table, abs=1e-3)
 
 
 def test_the_card_says_plainly_when_the_threshold_misses_the_target():
