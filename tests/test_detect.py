@@ -112,7 +112,10 @@ def test_the_daemon_uses_a_bundles_calibrated_threshold_unless_the_config_sets_o
     assert Pipeline(Config(), b).smoother.thresholds.tolist() == [0.6] * kws
     own = Config().replace(detect=DetectConfig(threshold=0.8, thresholds={"yes": 0.9}))
     assert Pipeline(own, b).smoother.thresholds.tolist() == [0.9] + [0.8] * (kws - 1)
-    assert Pipeline(Config(), load_bundle("default")).smoother.thresholds.tolist() == [0.75] * kws
+    del b.meta["detect"]
+    b.save(tmp_path / "uncalibrated.skw")
+    plain = load_bundle(tmp_path / "uncalibrated.skw")
+    assert Pipeline(Config(), plain).smoother.thresholds.tolist() == [0.75] * kws
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, "0.6", True])

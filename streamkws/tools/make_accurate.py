@@ -14,65 +14,15 @@ Writes ``accurate.skw`` and ``MODEL_CARD-accurate.md`` into ``streamkws/models/b
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-
-import numpy as np
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
 from streamkws.config import DetectConfig
 from streamkws.errors import StreamKWSError, exit_status
 from streamkws.models.quant import quantize_dynamic
+from streamkws.tools import calibration as cal
 from streamkws.tools.ensemble import build_ensemble
-from streamkws.tools.make_default import ATTRIBUTION, latency_ms, stream_tradeoff
-
-CALIBRATION_SEEDS = (1, 2, 3, 4, 5, 6)
-"""Held-out streams for the threshold; the end-to-end test's stream (seed 0) stays out."""
-
-THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.50, 0.91, 0.02))
-
-FA_BUDGET_PER_5_MIN = 1.0
-
-FA_CONFIDENCE = 0.9
-"""How sure the calibration must be that a threshold keeps within the false-alarm budget."""
-
-
-def poisson_upper(k: int, confidence: float = FA_CONFIDENCE) -> float:
-    """The one-sided upper confidence limit of a Poisson mean after ``k`` events: the mean
-    under which ``k`` or fewer events would have had probability ``1 - confidence``."""
-    def at_most_k(mean: float) -> float:
-        term = total = math.exp(-mean)
-        for i in range(1, k + 1):
-            term *= mean / i
-            total += term
-        return total
-
-    lo, hi = 0.0, k + 10.0 * math.sqrt(k + 1) + 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if at_most_k(mid) > 1 - confidence else (lo, mid)
-    return hi
-
-
-def choose_threshold(tradeoff: list, budget: float = FA_BUDGET_PER_5_MIN,
-                     confidence: float = FA_CONFIDENCE) -> tuple:
-    """The row with the most recall whose false-alarm rate is within ``budget`` per 5 minutes
-    with ``confidence``, not merely on average.
-
-    A threshold is judged on some twenty minutes of other words, where 3 false alarms
-    (0.7 per 5 minutes) are as consistent with a true rate of 1.5 as with 0.5; the rate
-    counted is the Poisson upper limit of the false alarms seen. Ties go to the higher
-    threshold: the same recall with a margin against false alarms.
-    """
-    within = [r for r in tradeoff if poisson_upper(r[4], confidence) / r[5] * 5 <= budget]
-    if not within:
-        need = poisson_upper(0, confidence) * 5 / budget
-        raise StreamKWSError(
-            f"no threshold up to {tradeoff[-1][0]} keeps false alarms within {budget:g} per "
-            f"5 minutes with {confidence:.0%} confidence on the calibration streams "
-            f"({tradeoff[-1][5]:.1f} min of other audio; even with no false alarm that "
-            f"takes {need:.1f} min)")
-    return max(within, key=lambda r: (r[1], r[0]))
+from streamkws.tools.make_default import ATTRIBUTION, latency_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +43,10 @@ def _make_accurate(args: argparse.Namespace) -> int:
     pair = build_ensemble([cnn, head], "accurate")
     q = Bundle(quantize_dynamic(pair.model),
                {**pair.meta, "quantization": {"mode": "dynamic", "dtype": "qint8"}})
-    tradeoff = stream_tradeoff(q, args.data, seeds=CALIBRATION_SEEDS, thresholds=THRESHOLDS)
-    thr, recall, hits, n, false, minutes = choose_threshold(tradeoff)
-    q.meta["detect"] = {
-        "threshold": thr,
-        "calibration": (f"most recall within {FA_BUDGET_PER_5_MIN:g} false alarm per 5 min "
-                        f"({FA_CONFIDENCE:.0%} upper limit) on "
-                        f"held-out streams (seeds {', '.join(map(str, CALIBRATION_SEEDS))}): "
-                        f"recall {recall:.3f}, {false} false in {minutes:.1f} min"),
-    }
+    tradeoff = cal.stream_tradeoff(q, args.data)
+    row = cal.choose_threshold(tradeoff)
+    q.meta["detect"] = cal.detect_meta(row)
+    thr = row[0]
     path = args.out / "accurate.skw"
     q.save(path)
     default = load_bundle("default")
@@ -109,15 +54,12 @@ def _make_accurate(args: argparse.Namespace) -> int:
     # states their ratio beside them.
     costs = {b.name: (latency_ms(b, runs=1000), b.path.stat().st_size)
              for b in (default, load_bundle(path))}
-    default_rows = stream_tradeoff(default, args.data, seeds=CALIBRATION_SEEDS,
+    default_rows = cal.stream_tradeoff(default, args.data,
                                    thresholds=(DetectConfig().for_model(default.threshold)
                                                .threshold,))
     write_card(args.out / "MODEL_CARD-accurate.md", q, cnn, head, tradeoff, thr,
                default_rows[0], costs)
-    for t, r, h, k, f, m in tradeoff:
-        mark = "  <- stored" if t == thr else ""
-        print(f"threshold {t:.2f}: recall {r:.3f} ({h}/{k}), {f} false in {m:.1f} min "
-              f"({f / m * 5:.2f} per 5 min, upper {poisson_upper(f) / m * 5:.2f}){mark}")
+    cal.print_tradeoff(tradeoff, thr)
     for name, ((p50, p99), size) in costs.items():
         print(f"{name}: {size / 1024:.0f} KiB, latency p50 {p50:.2f} ms p99 {p99:.2f} ms")
     return 0
@@ -146,19 +88,9 @@ def write_card(path: Path, b: Bundle, cnn: Bundle, head: Bundle, tradeoff: list,
         "## Calibrated threshold",
         "",
         f"The bundle stores `detect.threshold` **{thr}**, which the daemon uses unless the "
-        "config sets one. Chosen as the most recall whose false alarms stay within one per "
-        f"5 minutes with {FA_CONFIDENCE:.0%} confidence (the Poisson upper limit of the count "
-        "seen, last column; ties to the higher threshold) on "
-        f"{len(CALIBRATION_SEEDS)} held-out streams (30 keywords and 45 other words each, "
-        "validation-split speakers over real noise, as in `default`'s card; seeds "
-        f"{', '.join(map(str, CALIBRATION_SEEDS))}, the end-to-end test's stream kept out):",
+        "config sets one. Chosen as " + cal.rule_in_words() + ":",
         "",
-        "| threshold | recall | false alarms | per 5 min of other audio | "
-        f"{FA_CONFIDENCE:.0%} upper limit |",
-        "|---|---|---|---|---|",
-        *[f"| {t_:.2f}{' (stored)' if t_ == thr else ''} | {r:.3f} ({h}/{n}) | {f} in "
-          f"{m:.1f} min | {f / m * 5:.2f} | {poisson_upper(f) / m * 5:.2f} |"
-          for t_, r, h, n, f, m in tradeoff],
+        *cal.table(tradeoff, thr),
         "",
         f"`default` on the same streams at its threshold {dthr}: recall {drecall:.3f} "
         f"({dhits}/{dn}), {dfalse} false in {dmin:.1f} min ({dfalse / dmin * 5:.2f} per 5 min).",

@@ -99,6 +99,8 @@ class Run:
     windows: int
     vad_active_ratio: float
     latency_ms: dict[str, float | None]
+    calibrated: float | None = None
+    """The bundle's calibrated threshold, which the daemon used where the config set none."""
 
     @property
     def duration(self) -> float:
@@ -129,7 +131,8 @@ def run_pipeline(cfg: Config, bundle: Bundle, audio: str | Path, progress: bool 
     bar.close()
     return Run(bundle.labels, detections, pipeline.trace, timeline, pipeline.samples, cpu,
                pipeline.inferences, pipeline.windows, pipeline.vad_active_ratio,
-               {"p50": pipeline.latency.percentile(50), "p99": pipeline.latency.percentile(99)})
+               {"p50": pipeline.latency.percentile(50), "p99": pipeline.latency.percentile(99)},
+               bundle.threshold)
 
 
 def _bar(total_s: float, enabled: bool):
@@ -140,8 +143,9 @@ def _bar(total_s: float, enabled: bool):
 
 
 def decide(run: Run, detect: DetectConfig) -> list[Detection]:
-    """The detections the daemon would publish on this recording with ``detect`` settings."""
-    smoother = Smoother(run.labels, detect)
+    """The detections the daemon would publish on this recording with ``detect`` settings
+    (an unset threshold is the model's calibrated one, as in the daemon)."""
+    smoother = Smoother(run.labels, detect.for_model(run.calibrated))
     out = []
     for start, end, probs in run.trace:
         det = smoother.push(probs, start, end)
