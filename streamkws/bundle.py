@@ -123,6 +123,20 @@ class Bundle:
                     "validation speakers (train both with the same --split-seed and --data)")
         return None
 
+    def inherited_detect(self) -> dict | None:
+        """This bundle's calibrated threshold as a model derived from it (quantized,
+        pruned) should carry it: still the best guess, marked as not calibrated for the
+        derived network, whose posteriors differ."""
+        thr = self.threshold
+        if thr is None:
+            return None
+        how = self.meta["detect"].get("calibration", "calibrated")
+        if how.startswith("inherited from"):
+            return dict(self.meta["detect"])
+        source = self.name + (f" ({self.sha256[:12]})" if self.sha256 else "")
+        return {"threshold": thr,
+                "calibration": f"inherited from {source}, not recalibrated: {how}"}
+
     @property
     def threshold(self) -> float | None:
         """The detection threshold calibrated for this model, if its maker stored one.

@@ -112,11 +112,11 @@ DEFAULT_THRESHOLD = 0.75
 class DetectConfig:
     threshold: float | None = None
     """Smoothed posterior a keyword must reach (keywords without their own threshold).
-    Unset: the threshold calibrated into the model's bundle, else ``DEFAULT_THRESHOLD``
-    (0.75, which keeps the ``default`` model under one false alarm per 5 minutes on
-    held-out streams dense with other words, with the most recall; see the model card).
-    A mixture of models, whose posteriors are means of several opinions, needs a lower
-    one, so a fixed number here would suit one model and not another."""
+    Unset: the threshold calibrated into the model's bundle (the shipped models carry
+    one; see their cards), else ``DEFAULT_THRESHOLD`` (0.75, a reasonable start for a
+    single network you trained, to calibrate with ``stream-eval``). A mixture of models,
+    whose posteriors are means of several opinions, needs a lower one, so a fixed number
+    here would suit one model and not another."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Per-keyword thresholds, e.g. ``{ yes = 0.8, go = 0.9 }``."""
     average_windows: int = 3

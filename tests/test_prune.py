@@ -183,6 +183,9 @@ def test_structured_respects_the_margin(small_data) -> None:
     assert all(s["accuracy"] >= base - margin - 1e-9 for s in rep["steps"])
     assert result.bundle.meta["pruning"]["margin"] == margin
     assert result.bundle.meta["metrics"]["validation"]["accuracy"] == round(pruned, 4)
+    # The shipped model's calibrated threshold carries over, marked as not recalibrated.
+    assert result.bundle.threshold == bundle.threshold
+    assert result.bundle.meta["detect"]["calibration"].startswith("inherited from default-float")
 
 
 @pytest.mark.parametrize("arch", ["tutorial_cnn", "mobilenetv2"])

@@ -301,3 +301,18 @@ def test_static_bundle_runs_in_the_daemon_pipeline(tiny_bundle, small_data, spee
         assert all(d.keyword in bundle.labels for d in dets)
         runs[name] = pipe.inferences
     assert runs["static"] == runs["float"] > 10
+
+
+def test_a_quantized_model_carries_its_sources_threshold_marked_as_inherited(tiny_bundle,
+                                                                             tmp_path):
+    from streamkws.bundle import Bundle
+
+    calibrated = Bundle(tiny_bundle.model, {**tiny_bundle.meta, "detect": {
+        "threshold": 0.66, "calibration": "six streams"}})
+    q = saved(qz.quantize(calibrated, "dynamic"), tmp_path / "d.skw")
+    assert q.threshold == 0.66
+    how = q.meta["detect"]["calibration"]
+    assert how.startswith(f"inherited from {tiny_bundle.name}") and how.endswith("six streams")
+    # derived once more (pruned, say), it still names where the number was calibrated
+    assert q.inherited_detect() == q.meta["detect"]
+    assert "detect" not in qz.quantize(tiny_bundle, "dynamic").meta
