@@ -277,6 +277,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         "shifts teach the word off-centre, as streaming windows see it")
     t.add_argument("--reverse-as-unknown", type=float, default=0.0, metavar="P",
                    help="play this share of keyword examples backwards as _unknown_")
+    t.add_argument("--warp", type=float, default=0.0, metavar="R",
+                   help="vocal-tract length augmentation: scale each example's frequency "
+                        "axis by a factor within 1 +- R (e.g. 0.1; default 0, off)")
     t.add_argument("--teacher", metavar="M",
                    help="distil from this bundle (an ensemble, say) trained on the same "
                         "--data and --split-seed: targets mix labels and its posteriors")

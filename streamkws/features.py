@@ -154,6 +154,13 @@ def mel_filterbank(
     return weights
 
 
+def mel_centres_hz(c: FrontEndConfig) -> np.ndarray:
+    """The centre frequency of each mel band of front end ``c``."""
+    pts = np.linspace(hz_to_mel(c.f_min, c.mel_scale), hz_to_mel(c.f_max, c.mel_scale),
+                      c.n_mels + 2)
+    return mel_to_hz(pts[1:-1], c.mel_scale)
+
+
 # -- the front end ---------------------------------------------------------------------------
 
 

@@ -381,3 +381,31 @@ def test_the_learning_rate_schedule_survives_runs_of_any_length(total_steps):
         opt.step()
         sched.step()
     assert warmup_share(1000) == 0.1
+
+
+def test_vocal_tract_warp_moves_formants_by_the_drawn_factor_and_leaves_time_alone(data_dir):
+    from streamkws.audio.wav import load_audio
+    from streamkws.features import LogMel, mel_centres_hz
+    from streamkws.tools.augment import AugmentConfig, warp_frequencies
+
+    logmel = LogMel()
+    centres = mel_centres_hz(logmel.config)
+    x = load_audio(data_dir / "speech_commands_v2_real" / "yes" / "0fa1e7a9_nohash_0.wav")
+    feats = logmel(x[None, :16000])[:, :98].copy()
+    cfg = AugmentConfig(warp_range=0.2)
+    assert warp_frequencies(feats.copy(), centres, AugmentConfig(), np.random.default_rng(0)) \
+        .tolist() == feats.tolist()  # off by default
+
+    def centroid_hz(f: np.ndarray) -> float:
+        # spectral centroid over the loud frames, in Hz, from the power in each band
+        power = np.exp(f[0])
+        loud = power.sum(1) > np.percentile(power.sum(1), 70)
+        return float((power[loud] @ centres).sum() / power[loud].sum())
+
+    for seed in range(4):
+        factor = 1.0 + np.random.default_rng(seed).uniform(-0.2, 0.2)
+        warped = warp_frequencies(feats.copy(), centres, cfg, np.random.default_rng(seed))
+        assert warped.shape == feats.shape
+        # frame energies (time) barely move; the spectrum moves by the factor
+        assert np.corrcoef(np.exp(warped[0]).sum(1), np.exp(feats[0]).sum(1))[0, 1] > 0.95
+        assert centroid_hz(warped) / centroid_hz(feats) == pytest.approx(factor, rel=0.08)

@@ -32,6 +32,10 @@ class AugmentConfig:
     time_mask_frames: int = 12
     freq_masks: int = 2
     freq_mask_bins: int = 6
+    warp_range: float = 0.0
+    """Vocal-tract length: each example's frequency axis is scaled by a factor drawn from
+    [1 - r, 1 + r] (0: off). Unlike ``speed_range`` it leaves timing and pitch alone and
+    moves only the formants, as a longer or shorter vocal tract does."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +98,24 @@ def _noise_segment(noise: list[np.ndarray], n: int, rng: np.random.Generator) ->
     rec = noise[int(rng.integers(len(noise)))]
     start = int(rng.integers(0, len(rec) - n + 1))
     return rec[start : start + n]
+
+
+def warp_frequencies(feats: np.ndarray, centres_hz: np.ndarray, cfg: AugmentConfig,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Scale the frequency axis of log-Mel features ``(B, T, F)`` by a random factor per
+    example, in place: band ``i`` takes the value at ``centres_hz[i] / factor``,
+    interpolated between the bands around it (the edges repeat)."""
+    if not cfg.warp_range:
+        return feats
+    grid = np.arange(len(centres_hz), dtype=np.float64)
+    for i in range(len(feats)):
+        factor = 1.0 + rng.uniform(-cfg.warp_range, cfg.warp_range)
+        pos = np.interp(centres_hz / factor, centres_hz, grid)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, len(grid) - 1)
+        w = (pos - lo).astype(np.float32)
+        feats[i] = feats[i][:, lo] * (1 - w) + feats[i][:, hi] * w
+    return feats
 
 
 def spec_augment(

@@ -31,9 +31,14 @@ from streamkws.data import (
     speaker_split,
 )
 from streamkws.errors import StreamKWSError
-from streamkws.features import FrontEndConfig, LogMel
+from streamkws.features import FrontEndConfig, LogMel, mel_centres_hz
 from streamkws.models.speech_embedding import load_backbone
-from streamkws.tools.augment import AugmentConfig, augment_waveforms, spec_augment
+from streamkws.tools.augment import (
+    AugmentConfig,
+    augment_waveforms,
+    spec_augment,
+    warp_frequencies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +245,7 @@ class BatchMaker:
         # Masks take the per-bin mean, which the model's normalisation maps to zero.
         self.fill = np.asarray(mean, dtype=np.float32)
         self.n_frames = logmel.config.window_frames
+        self.centres_hz = mel_centres_hz(logmel.config)
         self.silence = labels.index(SILENCE) if SILENCE in labels else -1
         self.unknown = labels.index(UNKNOWN) if UNKNOWN in labels else -1
         self.keyword = np.array([lb not in (SILENCE, UNKNOWN) for lb in labels])
@@ -253,8 +259,9 @@ class BatchMaker:
             flip = self.keyword[targets] & (rng.random(len(idx)) < self.augment.reverse_as_unknown)
             wav[flip] = wav[flip, ::-1]
             targets[flip] = self.unknown
-        feats = spec_augment(self.logmel(wav)[:, : self.n_frames], self.augment, rng,
-                             fill=self.fill)
+        feats = warp_frequencies(self.logmel(wav)[:, : self.n_frames], self.centres_hz,
+                                 self.augment, rng)
+        feats = spec_augment(feats, self.augment, rng, fill=self.fill)
         return torch.from_numpy(feats), torch.from_numpy(targets)
 
 
@@ -608,8 +615,11 @@ def config_from_args(args) -> TrainConfig:
     if not 0 <= args.shift_ms <= 500:
         raise StreamKWSError(f"--shift-ms must be within 0..500 (got {args.shift_ms:g}); "
                              "a clip is 1000 ms")
-    aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown,
-                        shift_ms=args.shift_ms) if not args.no_augment else AugmentConfig.off()
+    if not 0 <= args.warp < 0.5:
+        raise StreamKWSError(f"--warp must be within 0..0.5 (got {args.warp:g}); 0.1 scales "
+                             "each example's frequencies by 0.9-1.1")
+    aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown, shift_ms=args.shift_ms,
+                        warp_range=args.warp) if not args.no_augment else AugmentConfig.off()
     if not 0 < args.distill_weight <= 1:
         raise StreamKWSError(f"--distill-weight must be within (0, 1] (got "
                              f"{args.distill_weight:g})")
