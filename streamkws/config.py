@@ -136,6 +136,17 @@ class DetectConfig:
         chosen = DEFAULT_THRESHOLD if calibrated is None else float(calibrated)
         return dataclasses.replace(self, threshold=chosen)
 
+    def describe(self, calibrated: float | None) -> str:
+        """The threshold in force with a model whose calibrated one is ``calibrated``, and
+        where it comes from, for the log an operator reads."""
+        source = ("the config's" if self.threshold is not None else
+                  "calibrated in the model" if calibrated is not None else "built-in default")
+        text = f"threshold {self.for_model(calibrated).threshold:g} ({source})"
+        if self.thresholds:
+            text += ", per keyword " + ", ".join(f"{k} {v:g}" for k, v in
+                                                 sorted(self.thresholds.items()))
+        return text
+
     def validate(self, prefix: str = "detect") -> DetectConfig:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"{prefix}.threshold",

@@ -235,7 +235,8 @@ class Daemon:
         pipeline.frontend.resume_at(self.pipeline.frontend.position)
         torch.set_num_threads(new.model.threads)
         self.cfg, self.bundle, self.pipeline = new, bundle, pipeline
-        log.info("reloaded configuration; model %s (%s)", bundle.name, bundle.sha256[:12])
+        log.info("reloaded configuration; model %s (%s), %s", bundle.name, bundle.sha256[:12],
+                 new.detect.describe(bundle.threshold))
         self.notifier.ready(self._status_line())
         return True
 
@@ -262,8 +263,9 @@ class Daemon:
         else:
             self.source.on_finished = self.ring.wake
             self.source.start(sink)
-        log.info("listening on %s with model %s; publishing on %s", self.source.name,
-                 self.bundle.name, self.publisher.endpoint)
+        log.info("listening on %s with model %s, %s; publishing on %s", self.source.name,
+                 self.bundle.name, self.cfg.detect.describe(self.bundle.threshold),
+                 self.publisher.endpoint)
         self.notifier.ready(self._status_line())
         self._publish_status()
         next_status = time.monotonic() + self.cfg.publish.status_interval_s

@@ -129,7 +129,9 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
+    assert "with model default, threshold 0.8 (the config's)" in err
     assert "reloaded configuration; model default-float" in err
+    assert "threshold 0.85 (the config's)" in err
     assert "reload rejected" in err and "detect.threshold" in err
     sub.join(5)
     statuses = [m for t, m, _ in sub.messages if t == "status"]

@@ -98,6 +98,13 @@ def test_an_unset_threshold_is_the_models_calibrated_one_else_0_75():
     assert Smoother(LABELS, DetectConfig()).thresholds.tolist() == [0.75, 0.75]
 
 
+def test_the_log_says_which_threshold_is_in_force_and_where_it_comes_from():
+    assert DetectConfig().describe(0.64) == "threshold 0.64 (calibrated in the model)"
+    assert DetectConfig().describe(None) == "threshold 0.75 (built-in default)"
+    own = DetectConfig(threshold=0.8, thresholds={"yes": 0.9, "go": 0.7})
+    assert own.describe(0.64) == "threshold 0.8 (the config's), per keyword go 0.7, yes 0.9"
+
+
 def test_the_daemon_uses_a_bundles_calibrated_threshold_unless_the_config_sets_one(tmp_path):
     from streamkws.bundle import load_bundle
     from streamkws.config import Config
