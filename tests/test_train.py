@@ -286,6 +286,8 @@ def test_a_teacher_with_other_labels_is_refused(tiny_bundle, small_data, tmp_pat
     (["--init", "m.skw", "--quant-solution", "s.yaml", "--ema", "0.99"],
      "--ema applies to training"),
     (["--teacher", "nowhere.skw"], "nowhere.skw: no such model bundle"),
+    (["--warp", "0.5"], "--warp must be within [0, 0.5)"),
+    (["--warp", "-0.1"], "--warp must be within [0, 0.5)"),
 ])
 def test_distillation_options_out_of_place_are_refused(capsys, small_data, tmp_path, extra,
                                                        message):

@@ -616,7 +616,7 @@ def config_from_args(args) -> TrainConfig:
         raise StreamKWSError(f"--shift-ms must be within 0..500 (got {args.shift_ms:g}); "
                              "a clip is 1000 ms")
     if not 0 <= args.warp < 0.5:
-        raise StreamKWSError(f"--warp must be within 0..0.5 (got {args.warp:g}); 0.1 scales "
+        raise StreamKWSError(f"--warp must be within [0, 0.5) (got {args.warp:g}); 0.1 scales "
                              "each example's frequencies by 0.9-1.1")
     aug = AugmentConfig(reverse_as_unknown=args.reverse_as_unknown, shift_ms=args.shift_ms,
                         warp_range=args.warp) if not args.no_augment else AugmentConfig.off()
