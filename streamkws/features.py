@@ -142,8 +142,7 @@ def mel_filterbank(
 ) -> np.ndarray:
     """Triangular mel filters, shape ``(n_mels, n_fft // 2 + 1)``, as ``librosa.filters.mel``."""
     fft_freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    mel_pts = np.linspace(hz_to_mel(f_min, scale), hz_to_mel(f_max, scale), n_mels + 2)
-    hz_pts = mel_to_hz(mel_pts, scale)
+    hz_pts = _mel_points_hz(n_mels, f_min, f_max, scale)
     fdiff = np.diff(hz_pts)
     ramps = hz_pts[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]
@@ -154,11 +153,16 @@ def mel_filterbank(
     return weights
 
 
+def _mel_points_hz(n_mels: int, f_min: float, f_max: float, scale: str) -> np.ndarray:
+    """The ``n_mels + 2`` edges of the triangular filters, evenly spaced in mels: filter
+    ``i`` rises from point ``i``, peaks at ``i + 1`` and falls to ``i + 2``."""
+    return mel_to_hz(np.linspace(hz_to_mel(f_min, scale), hz_to_mel(f_max, scale),
+                                 n_mels + 2), scale)
+
+
 def mel_centres_hz(c: FrontEndConfig) -> np.ndarray:
     """The centre frequency of each mel band of front end ``c``."""
-    pts = np.linspace(hz_to_mel(c.f_min, c.mel_scale), hz_to_mel(c.f_max, c.mel_scale),
-                      c.n_mels + 2)
-    return mel_to_hz(pts[1:-1], c.mel_scale)
+    return _mel_points_hz(c.n_mels, c.f_min, c.f_max, c.mel_scale)[1:-1]
 
 
 # -- the front end ---------------------------------------------------------------------------

@@ -39,11 +39,10 @@ def speech_bounds(x: np.ndarray, frame: int = 160, below_peak_db: float = 30.0,
     fall under that floor: trimmed there, "off" would be cut to "o". So the core grows, up
     to ``fricative_ms`` each way, over adjacent frames whose energy above 2 kHz stands
     10 dB over that band's own floor."""
-    n = len(x) // frame
+    frames, e = _frame_db(x, frame)
+    n = len(frames)
     if n == 0:
         return 0, len(x)
-    frames = x[: n * frame].reshape(n, frame).astype(np.float64)
-    e = 10 * np.log10((frames**2).mean(1) + 1e-12)
     threshold = max(e.max() - below_peak_db, np.percentile(e, 10) + 12.0)
     loud = np.flatnonzero(e >= min(threshold, e.max()))
     first, last = int(loud[0]), int(loud[-1])
@@ -64,11 +63,17 @@ def speech_bounds(x: np.ndarray, frame: int = 160, below_peak_db: float = 30.0,
 
 def speech_contrast_db(x: np.ndarray, frame: int = 160) -> float:
     """Loudest frame over the quietest tenth, in dB: near 0 for a clip with no word in it."""
-    n = len(x) // frame
-    if n == 0:
+    _, e = _frame_db(x, frame)
+    if len(e) == 0:
         return 0.0
-    e = 10 * np.log10((x[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(1) + 1e-12)
     return float(e.max() - np.percentile(e, 10))
+
+
+def _frame_db(x: np.ndarray, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """The clip cut into whole frames ``(n, frame)`` and each frame's energy in dB."""
+    n = len(x) // frame
+    frames = x[: n * frame].reshape(n, frame).astype(np.float64)
+    return frames, 10 * np.log10((frames**2).mean(1) + 1e-12)
 
 
 def audible(items: list, min_contrast_db: float = 20.0) -> list:
