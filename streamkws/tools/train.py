@@ -103,14 +103,9 @@ class TrainConfig:
         if self.ema or self.teacher:
             raise StreamKWSError("--backbone trains a head on embeddings computed once; "
                                  "--ema and --teacher do not apply to it")
-        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or \
-                not 1 <= self.passes <= 100:
-            raise StreamKWSError(f"--passes must be within 1..100 (got {self.passes!r})")
-        if isinstance(self.unfreeze, bool) or not isinstance(self.unfreeze, int) or \
-                not 0 <= self.unfreeze <= MAX_UNFREEZE:
-            raise StreamKWSError(f"--unfreeze must be within 0..{MAX_UNFREEZE} (got "
-                                 f"{self.unfreeze!r}); earlier layers' maps are too large "
-                                 "to cache")
+        _check_count("--passes", self.passes, 1, 100)
+        _check_count("--unfreeze", self.unfreeze, 0, MAX_UNFREEZE,
+                     "; earlier layers' maps are too large to cache")
         if self.unfreeze and self.arch_kwargs.get("high_bands"):
             raise StreamKWSError("--unfreeze and --arch-arg high_bands do not go together "
                                  "(the side input is built for a frozen backbone)")
@@ -123,6 +118,11 @@ class Split:
     x: np.ndarray  # (N, 16000) waveforms
     y: np.ndarray
     ds: Dataset
+
+
+def _check_count(flag: str, value: object, low: int, high: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise StreamKWSError(f"{flag} must be within {low}..{high} (got {value!r}){why}")
 
 
 def seed_everything(seed: int) -> None:
