@@ -7,10 +7,12 @@ smoother, and hits, false alarms and other-audio hours are summed over the recor
 before the best threshold per budget is picked.
 
     python docs/pooled_recall.py eval/heldout.wav eval/h2.wav eval/h3.wav -- \\
-        default-float emb.skw default-float+emb.skw@0.3
+        default-float emb.skw default-float+emb.skw@0.3 default-float+s1.skw+emb.skw*2
 
 A spec ``a+b@w`` mixes two bundles' posteriors on the same windows, ``(1 - w) a + w b``
 (``w`` defaults to 0.5, which is what ``streamkws ensemble`` computes for two members).
+``a+b+c*1.5`` mixes any number, each with a relative weight (default 1, normalised to sum
+to 1).
 Labels: ``REC.csv`` beside each recording, as ``stream-eval --build`` writes them.
 """
 from __future__ import annotations
@@ -44,14 +46,21 @@ def main(argv: list[str]) -> None:
     def mixed(spec: str, rec: Path) -> se.Run:
         if "+" not in spec:
             return run_of(spec, rec)
-        a, b = spec.split("+")
-        b, _, w = b.partition("@")
-        weight = float(w) if w else 0.5
-        ra, rb = run_of(a, rec), run_of(b, rec)
-        # The VAD gate does not depend on the model, so both saw the very same windows.
-        trace = [(s, e, None if p is None else (1 - weight) * p + weight * q)
-                 for (s, e, p), (_, _, q) in zip(ra.trace, rb.trace, strict=True)]
-        return dataclasses.replace(ra, trace=trace)
+        if "@" in spec:
+            if spec.count("+") != 1 or "*" in spec:
+                sys.exit(f"{spec}: '@w' is for two members; weigh more with '*w' alone")
+            a, b = spec.split("+")
+            b, _, w = b.partition("@")
+            parts = [(a, 1 - float(w)), (b, float(w))]
+        else:
+            parts = [(name, float(w) if w else 1.0)
+                     for name, _, w in (p.partition("*") for p in spec.split("+"))]
+        total = sum(w for _, w in parts)
+        members = [(run_of(name, rec), w / total) for name, w in parts]
+        # The VAD gate does not depend on the model, so all saw the very same windows.
+        trace = [(s, e, None if p is None else sum(w * r.trace[i][2] for r, w in members))
+                 for i, (s, e, p) in enumerate(members[0][0].trace)]
+        return dataclasses.replace(members[0][0], trace=trace)
 
     truths = {rec: se.read_labels(rec.with_suffix(".csv")) for rec in recs}
     for spec in specs:
