@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from streamkws import __version__
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig
 from streamkws.models.registry import KWSModel
+
+log = logging.getLogger(__name__)
 
 FORMAT = "streamkws-bundle"
 VERSION = 1
@@ -136,6 +139,16 @@ class Bundle:
         source = self.name + (f" ({self.sha256[:12]})" if self.sha256 else "")
         return {"threshold": thr,
                 "calibration": f"inherited from {source}, not recalibrated: {how}"}
+
+    def carry_detect(self, meta: dict) -> None:
+        """Put ``inherited_detect`` into the ``meta`` of a model derived from this one, and
+        tell the operator it is a guess for the new network, not a calibration."""
+        if (detect := self.inherited_detect()) is None:
+            return
+        meta["detect"] = detect
+        log.info("the calibrated threshold %.2f of %s carries over; its posteriors differ, "
+                 "so recalibrate with stream-eval before relying on it", detect["threshold"],
+                 self.name)
 
     @property
     def threshold(self) -> float | None:

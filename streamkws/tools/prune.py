@@ -763,11 +763,7 @@ def _derived_bundle(src: Bundle, model: KWSModel, report: dict, table: list[dict
                            "path": str(src.path) if src.path else None,
                            "metrics": src.meta.get("metrics")}
     meta["pruning"] = {**report, "layers": table, **({"data": data.summary} if data else {})}
-    if (detect := src.inherited_detect()) is not None:
-        meta["detect"] = detect
-        log.info("the calibrated threshold %.2f of %s carries over; its posteriors differ, "
-                 "so recalibrate with stream-eval before relying on it", detect["threshold"],
-                 src.name)
+    src.carry_detect(meta)
     if data is not None:
         # The source's metrics describe another network; these are the pruned model's own,
         # on the split the pruning decisions were made on.

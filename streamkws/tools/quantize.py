@@ -421,11 +421,7 @@ def quantize(
     meta.update({"name": name or f"{bundle.name}-{mode}", "quantization": q,
                  "quantized_from": {"name": bundle.name, "sha256": bundle.sha256,
                                     "metrics": bundle.meta.get("metrics", {})}})
-    if (detect := bundle.inherited_detect()) is not None:
-        meta["detect"] = detect
-        log.info("the calibrated threshold %.2f of %s carries over; its posteriors differ, "
-                 "so recalibrate with stream-eval before relying on it", detect["threshold"],
-                 bundle.name)
+    bundle.carry_detect(meta)
     return Bundle(model.eval(), meta)
 
 
