@@ -73,11 +73,10 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = CALIBRA
     Each runs once through the daemon's pipeline (``stream_eval``), then every threshold
     is re-decided with its smoother.
     """
-    import dataclasses
     import tempfile
 
     from streamkws.config import Config
-    from streamkws.tools.stream_eval import Utterance, decide, keywords_of, run_pipeline, score
+    from streamkws.tools.stream_eval import Utterance, run_pipeline, sweep
     from streamkws.tools.streams import heldout_stream
 
     cfg = Config().validate()
@@ -87,17 +86,15 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = CALIBRA
             wav, placed = heldout_stream(data, Path(tmp) / f"{seed}.wav", 3, 45, seed=seed)
             truth = [Utterance(p.word, p.start, p.end) for p in placed]
             streams.append((run_pipeline(cfg, bundle, wav, progress=False), truth))
+    # One sweep per stream, then pooled: the Poisson rule needs counts, not rates.
+    sweeps = [sweep(run, truth, cfg.detect, thresholds) for run, truth in streams]
     rows = []
-    for thr in thresholds:
-        detect = dataclasses.replace(cfg.detect, threshold=thr, thresholds={})
-        hits = utterances = false = 0
-        minutes = 0.0
-        for run, truth in streams:
-            s = score(decide(run, detect), truth, keywords_of(run, detect), run.duration)
-            hits += s["overall"]["hits"]
-            utterances += s["overall"]["utterances"]
-            false += s["overall"]["false_alarms"]
-            minutes += s["non_keyword_hours"] * 60.0
+    for i, thr in enumerate(thresholds):
+        scores = [points[i][1] for points in sweeps]
+        hits = sum(s["overall"]["hits"] for s in scores)
+        utterances = sum(s["overall"]["utterances"] for s in scores)
+        false = sum(s["overall"]["false_alarms"] for s in scores)
+        minutes = sum(s["non_keyword_hours"] * 60.0 for s in scores)
         rows.append((thr, hits / utterances, hits, utterances, false, minutes))
     return rows
 

@@ -217,21 +217,26 @@ def keywords_of(run: Run, detect: DetectConfig) -> list[str]:
     return [lb for lb in run.labels if lb not in detect.ignore]
 
 
+def sweep(run: Run, truth: Sequence[Utterance], detect: DetectConfig,
+          thresholds: Sequence[float] = tuple(THRESHOLDS)) -> list[tuple[float, dict]]:
+    """``(threshold, score)`` for each threshold: the recording re-decided with the same
+    threshold for every keyword (per-keyword thresholds dropped), the rest of ``detect`` kept."""
+    kws = keywords_of(run, detect)
+    out = []
+    for t in thresholds:
+        d = dataclasses.replace(detect, threshold=float(t), thresholds={})
+        out.append((float(t), score(decide(run, d), truth, kws, run.duration)))
+    return out
+
+
 def det_curve(run: Run, truth: Sequence[Utterance], detect: DetectConfig,
               thresholds: Sequence[float] = tuple(THRESHOLDS)) -> list[dict]:
     """False-reject rate against false alarms per hour, one point per threshold (the same
     threshold for every keyword), overall and per keyword."""
-    kws = keywords_of(run, detect)
-    points = []
-    for t in thresholds:
-        d = dataclasses.replace(detect, threshold=float(t), thresholds={})
-        s = score(decide(run, d), truth, kws, run.duration)
-        points.append({
-            "threshold": float(t), "frr": s["overall"]["frr"],
-            "fa_per_hour": s["overall"]["fa_per_hour"],
-            "per_keyword": {k: [v["frr"], v["fa_per_hour"]] for k, v in s["per_keyword"].items()},
-        })
-    return points
+    return [{
+        "threshold": t, "frr": s["overall"]["frr"], "fa_per_hour": s["overall"]["fa_per_hour"],
+        "per_keyword": {k: [v["frr"], v["fa_per_hour"]] for k, v in s["per_keyword"].items()},
+    } for t, s in sweep(run, truth, detect, thresholds)]
 
 
 # -- calibration -------------------------------------------------------------------------------
