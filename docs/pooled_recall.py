@@ -64,18 +64,11 @@ def main(argv: list[str]) -> None:
 
     truths = {rec: se.read_labels(rec.with_suffix(".csv")) for rec in recs}
     for spec in specs:
-        rows = []
-        for t in np.arange(0.5, 0.991, 0.02):
-            hits = n = fa = 0
-            hours = 0.0
-            d = dataclasses.replace(cfg.detect, threshold=float(t), thresholds={})
-            for rec in recs:
-                run = mixed(spec, rec)
-                o = se.score(se.decide(run, d), truths[rec], se.keywords_of(run, d),
-                             run.duration)
-                hits, n = hits + o["overall"]["hits"], n + o["overall"]["utterances"]
-                fa, hours = fa + o["overall"]["false_alarms"], hours + o["non_keyword_hours"]
-            rows.append((float(t), hits / n, fa / hours / 12, fa))
+        thresholds = [float(t) for t in np.arange(0.5, 0.991, 0.02)]
+        sweeps = [se.sweep(mixed(spec, rec), truths[rec], cfg.detect, thresholds) for rec in recs]
+        pooled = se.pool(sweeps)
+        n = pooled[0][2]
+        rows = [(t, hits / n, fa / minutes * 5, fa) for t, hits, n, fa, minutes in pooled]
         cells = []
         for budget in BUDGETS:
             ok = [r for r in rows if r[2] <= budget]

@@ -76,7 +76,7 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = CALIBRA
     import tempfile
 
     from streamkws.config import Config
-    from streamkws.tools.stream_eval import Utterance, run_pipeline, sweep
+    from streamkws.tools.stream_eval import Utterance, pool, run_pipeline, sweep
     from streamkws.tools.streams import heldout_stream
 
     cfg = Config().validate()
@@ -87,16 +87,8 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = CALIBRA
             truth = [Utterance(p.word, p.start, p.end) for p in placed]
             streams.append((run_pipeline(cfg, bundle, wav, progress=False), truth))
     # One sweep per stream, then pooled: the Poisson rule needs counts, not rates.
-    sweeps = [sweep(run, truth, cfg.detect, thresholds) for run, truth in streams]
-    rows = []
-    for i, thr in enumerate(thresholds):
-        scores = [points[i][1] for points in sweeps]
-        hits = sum(s["overall"]["hits"] for s in scores)
-        utterances = sum(s["overall"]["utterances"] for s in scores)
-        false = sum(s["overall"]["false_alarms"] for s in scores)
-        minutes = sum(s["non_keyword_hours"] * 60.0 for s in scores)
-        rows.append((thr, hits / utterances, hits, utterances, false, minutes))
-    return rows
+    return [(thr, hits / n, hits, n, false, minutes) for thr, hits, n, false, minutes
+            in pool([sweep(run, truth, cfg.detect, thresholds) for run, truth in streams])]
 
 
 def detect_meta(row: tuple) -> dict:

@@ -229,6 +229,20 @@ def sweep(run: Run, truth: Sequence[Utterance], detect: DetectConfig,
     return out
 
 
+def pool(sweeps: Sequence[list[tuple[float, dict]]]) -> list[tuple[float, int, int, int, float]]:
+    """Several recordings' sweeps over the same thresholds, summed: ``(threshold, hits,
+    utterances, false_alarms, non_keyword_minutes)`` per threshold. Counts, not rates, so
+    a confidence rule can weigh how much audio vouches for them."""
+    rows = []
+    for points in zip(*sweeps, strict=True):
+        scores = [s for _, s in points]
+        rows.append((points[0][0], sum(s["overall"]["hits"] for s in scores),
+                     sum(s["overall"]["utterances"] for s in scores),
+                     sum(s["overall"]["false_alarms"] for s in scores),
+                     sum(s["non_keyword_hours"] * 60.0 for s in scores)))
+    return rows
+
+
 def det_curve(run: Run, truth: Sequence[Utterance], detect: DetectConfig,
               thresholds: Sequence[float] = tuple(THRESHOLDS)) -> list[dict]:
     """False-reject rate against false alarms per hour, one point per threshold (the same
