@@ -64,6 +64,18 @@ def test_a_higher_threshold_never_adds_detections(pipeline_run):
     assert counts == sorted(counts, reverse=True)
 
 
+def test_pooling_a_recording_with_itself_doubles_every_count_at_every_threshold(pipeline_run):
+    """Calibration pools several streams' counts, so its confidence rule sees all the audio."""
+    cfg, run, truth = pipeline_run
+    points = se.sweep(run, truth, cfg.detect, (0.5, 0.8, 0.95))
+    assert [t for t, _ in points] == [0.5, 0.8, 0.95]
+    for (t, s), pooled in zip(points, se.pool([points, points]), strict=True):
+        o = s["overall"]
+        assert pooled == (t, 2 * o["hits"], 2 * o["utterances"], 2 * o["false_alarms"],
+                          2 * s["non_keyword_hours"] * 60.0)
+    assert points[0][1]["overall"]["hits"] > 0, "the default model finds held-out keywords"
+
+
 def det(keyword: str, t0: float, t1: float, emit: float) -> Detection:
     return Detection(keyword, 0.9, int(t0 * 16000), int(t1 * 16000), int(emit * 16000))
 
