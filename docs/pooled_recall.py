@@ -12,7 +12,8 @@ before the best threshold per budget is picked.
 A spec ``a+b@w`` mixes two bundles' posteriors on the same windows, ``(1 - w) a + w b``
 (``w`` defaults to 0.5, which is what ``streamkws ensemble`` computes for two members).
 ``a+b+c*1.5`` mixes any number, each with a relative weight (default 1, normalised to sum
-to 1).
+to 1). A member ``a~0.15:5`` averages ``a`` over 5 frequency warps within 1 +- 0.15 of
+each window (test-time augmentation; ``a~0.08`` means 3 warps).
 Labels: ``REC.csv`` beside each recording, as ``stream-eval --build`` writes them.
 """
 from __future__ import annotations
@@ -30,6 +31,32 @@ from streamkws.tools import stream_eval as se
 BUDGETS = (0.5, 1.0, 2.0)  # false alarms per 5 minutes of other audio
 
 
+def warp_averaged(bundle, r: float, n: int) -> None:
+    """Make ``bundle.predict`` average its probabilities over ``n`` copies of each window,
+    the frequency axis scaled by factors spaced evenly in log between ``1/(1+r)`` and
+    ``1+r`` (``train --warp``'s interpolation, at fixed factors): test-time averaging over
+    vocal-tract lengths, one batch of ``n`` per window."""
+    from streamkws.features import mel_centres_hz
+
+    centres = mel_centres_hz(bundle.frontend)
+    grid = np.arange(len(centres), dtype=np.float64)
+    maps = []
+    for factor in np.exp(np.linspace(-np.log1p(r), np.log1p(r), n)):
+        pos = np.interp(centres / factor, centres, grid)
+        lo = np.floor(pos).astype(int)
+        maps.append((lo, np.minimum(lo + 1, len(grid) - 1), (pos - lo).astype(np.float32)))
+    plain = bundle.predict
+
+    def predict(features: np.ndarray) -> np.ndarray:
+        single = features.ndim == 2
+        x = features[None] if single else features
+        warped = np.stack([x[..., lo] * (1 - w) + x[..., hi] * w for lo, hi, w in maps], 1)
+        p = plain(warped.reshape(-1, *x.shape[1:])).reshape(len(x), n, -1).mean(1)
+        return p[0] if single else p
+
+    bundle.predict = predict
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv:
         sys.exit(__doc__)
@@ -40,7 +67,12 @@ def main(argv: list[str]) -> None:
 
     def run_of(name: str, rec: Path) -> se.Run:
         if (name, rec) not in runs:
-            runs[name, rec] = se.run_pipeline(cfg, load_bundle(name), rec, progress=False)
+            bundle_name, _, warp = name.partition("~")
+            bundle = load_bundle(bundle_name)
+            if warp:
+                r, _, n = warp.partition(":")
+                warp_averaged(bundle, float(r), int(n or 3))
+            runs[name, rec] = se.run_pipeline(cfg, bundle, rec, progress=False)
         return runs[name, rec]
 
     def mixed(spec: str, rec: Path) -> se.Run:
