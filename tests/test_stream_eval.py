@@ -76,6 +76,14 @@ def test_pooling_a_recording_with_itself_doubles_every_count_at_every_threshold(
     assert points[0][1]["overall"]["hits"] > 0, "the default model finds held-out keywords"
 
 
+def test_pooling_refuses_sweeps_over_different_thresholds():
+    """Summing counts decided at different thresholds would describe no threshold at all."""
+    with pytest.raises(ValueError, match="different thresholds"):
+        se.pool([[(0.5, {})], [(0.6, {})]])
+    with pytest.raises(ValueError):
+        se.pool([[(0.5, {})], []])
+
+
 def det(keyword: str, t0: float, t1: float, emit: float) -> Detection:
     return Detection(keyword, 0.9, int(t0 * 16000), int(t1 * 16000), int(emit * 16000))
 

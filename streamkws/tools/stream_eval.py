@@ -235,6 +235,8 @@ def pool(sweeps: Sequence[list[tuple[float, dict]]]) -> list[tuple[float, int, i
     a confidence rule can weigh how much audio vouches for them."""
     rows = []
     for points in zip(*sweeps, strict=True):
+        if len({t for t, _ in points}) != 1:
+            raise ValueError(f"sweeps over different thresholds: {sorted({t for t, _ in points})}")
         scores = [s for _, s in points]
         rows.append((points[0][0], sum(s["overall"]["hits"] for s in scores),
                      sum(s["overall"]["utterances"] for s in scores),
