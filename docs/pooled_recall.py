@@ -71,7 +71,14 @@ def main(argv: list[str]) -> None:
             bundle = load_bundle(bundle_name)
             if warp:
                 r, _, n = warp.partition(":")
-                warp_averaged(bundle, float(r), int(n or 3))
+                try:
+                    r, n = float(r), int(n or 3)
+                except ValueError:
+                    r, n = 0.0, 0
+                if not (0 < r < 1 and n >= 2):
+                    sys.exit(f"{name}: a warp is '~r' or '~r:n', 0 < r < 1 and n >= 2 "
+                             "(e.g. ~0.15:5)")
+                warp_averaged(bundle, r, n)
             runs[name, rec] = se.run_pipeline(cfg, bundle, rec, progress=False)
         return runs[name, rec]
 
