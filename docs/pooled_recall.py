@@ -37,14 +37,10 @@ def warp_averaged(bundle, r: float, n: int) -> None:
     ``1+r`` (``train --warp``'s interpolation, at fixed factors): test-time averaging over
     vocal-tract lengths, one batch of ``n`` per window."""
     from streamkws.features import mel_centres_hz
+    from streamkws.tools.augment import warp_bands
 
     centres = mel_centres_hz(bundle.frontend)
-    grid = np.arange(len(centres), dtype=np.float64)
-    maps = []
-    for factor in np.exp(np.linspace(-np.log1p(r), np.log1p(r), n)):
-        pos = np.interp(centres / factor, centres, grid)
-        lo = np.floor(pos).astype(int)
-        maps.append((lo, np.minimum(lo + 1, len(grid) - 1), (pos - lo).astype(np.float32)))
+    maps = [warp_bands(centres, f) for f in np.exp(np.linspace(-np.log1p(r), np.log1p(r), n))]
     plain = bundle.predict
 
     def predict(features: np.ndarray) -> np.ndarray:
@@ -106,15 +102,15 @@ def main(argv: list[str]) -> None:
         thresholds = [float(t) for t in np.arange(0.5, 0.991, 0.02)]
         sweeps = [se.sweep(mixed(spec, rec), truths[rec], cfg.detect, thresholds) for rec in recs]
         pooled = se.pool(sweeps)
-        n = pooled[0][2]
         rows = [(t, hits / n, fa / minutes * 5, fa) for t, hits, n, fa, minutes in pooled]
+        keywords = pooled[0][2]
         cells = []
         for budget in BUDGETS:
             ok = [r for r in rows if r[2] <= budget]
             best = max(ok, key=lambda r: (r[1], -r[0])) if ok else None
             cells.append(f"<= {budget}: " + (f"{best[1]:.3f} (thr {best[0]:.2f}, {best[3]} FA)"
                                              if best else "-"))
-        print(f"{spec}: {n} keywords   " + "   ".join(cells), flush=True)
+        print(f"{spec}: {keywords} keywords   " + "   ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
