@@ -36,11 +36,10 @@ def warp_averaged(bundle, r: float, n: int) -> None:
     the frequency axis scaled by factors spaced evenly in log between ``1/(1+r)`` and
     ``1+r`` (``train --warp``'s interpolation, at fixed factors): test-time averaging over
     vocal-tract lengths, one batch of ``n`` per window."""
-    from streamkws.features import mel_centres_hz
-    from streamkws.tools.augment import warp_bands
+    from streamkws.features import mel_centres_hz, warp_bands, warp_factors
 
     centres = mel_centres_hz(bundle.frontend)
-    maps = [warp_bands(centres, f) for f in np.exp(np.linspace(-np.log1p(r), np.log1p(r), n))]
+    maps = [warp_bands(centres, f) for f in warp_factors(r, n)]
     plain = bundle.predict
 
     def predict(features: np.ndarray) -> np.ndarray:

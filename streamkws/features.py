@@ -165,6 +165,21 @@ def mel_centres_hz(c: FrontEndConfig) -> np.ndarray:
     return _mel_points_hz(c.n_mels, c.f_min, c.f_max, c.mel_scale)[1:-1]
 
 
+def warp_bands(centres_hz: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lo, hi, w)`` such that ``x[..., lo] * (1 - w) + x[..., hi] * w`` scales the
+    frequency axis of log-Mel ``x`` by ``factor``: band ``i`` takes the value at
+    ``centres_hz[i] / factor``, interpolated between the bands around it (the edges repeat)."""
+    grid = np.arange(len(centres_hz), dtype=np.float64)
+    pos = np.interp(centres_hz / factor, centres_hz, grid)
+    lo = np.floor(pos).astype(int)
+    return lo, np.minimum(lo + 1, len(grid) - 1), (pos - lo).astype(np.float32)
+
+
+def warp_factors(r: float, n: int) -> list[float]:
+    """``n`` frequency-scaling factors spaced evenly in log between ``1/(1+r)`` and ``1+r``."""
+    return [float(f) for f in np.exp(np.linspace(-np.log1p(r), np.log1p(r), n))]
+
+
 # -- the front end ---------------------------------------------------------------------------
 
 
@@ -273,6 +288,8 @@ class Windower:
         self.frame_index = 0  # stream index of the next frame to arrive
         self._next_end = w  # frame count at which the next window completes
         self.origin = 0  # stream sample index of frame 0 (moves on reset after a gap)
+        self.last_end: int | None = None
+        """Stream sample just past the last window formed (None before the first)."""
 
     def reset(self, origin_sample: int) -> None:
         """Start over at stream sample ``origin_sample`` (after a gap in the audio)."""
@@ -281,6 +298,12 @@ class Windower:
         self.frame_index = 0
         self._next_end = self.config.window_frames
         self.origin = origin_sample
+
+    @property
+    def next_start(self) -> int:
+        """Stream sample where the next window to form starts."""
+        return self.origin + (self._next_end - self.config.window_frames) * \
+            self.config.hop_length
 
     def push(self, frames: np.ndarray) -> list[Window]:
         w = self.config.window_frames
@@ -300,6 +323,7 @@ class Windower:
                 start = self.origin + first * hop
                 out.append(Window(self._ring[self._pos : self._pos + w].copy(), start,
                                   start + self.config.window_samples))
+                self.last_end = start + self.config.window_samples
         return out
 
 

@@ -144,3 +144,81 @@ def test_an_ensemble_is_built_from_bundles_not_trained(capsys, small_data, tmp_p
                "--out", str(tmp_path / "x.skw"), "--quiet"])
     assert rc == 2
     assert "streamkws ensemble" in capsys.readouterr().err
+
+
+def _warped_mean(bundles, windows, factors):
+    """The specification, in numpy: every member on every warp of the windows, averaged."""
+    from streamkws.features import mel_centres_hz, warp_bands
+
+    centres = mel_centres_hz(bundles[0].frontend)
+    outs = []
+    for f in factors:
+        lo, hi, w = warp_bands(centres, f)
+        outs += [b.predict(windows[..., lo] * (1 - w) + windows[..., hi] * w) for b in bundles]
+    return np.mean(outs, axis=0)
+
+
+def test_a_warped_ensemble_averages_every_member_over_every_warp_of_the_window(
+        tiny_bundle, second_member, windows):
+    from streamkws.features import warp_factors
+
+    pair = build_ensemble([tiny_bundle, second_member], "pair", warp=(0.15, 5))
+    factors = warp_factors(0.15, 5)
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[0] == pytest.approx(1 / 1.15) and factors[-1] == pytest.approx(1.15)
+    np.testing.assert_allclose(pair.predict(windows),
+                               _warped_mean([tiny_bundle, second_member], windows, factors),
+                               atol=1e-6)
+    # Not the plain mean: the warps change what the members hear (these one-epoch members
+    # are close to uniform, so the change is small, but far above the tolerance above).
+    assert np.abs(pair.predict(windows) - build_ensemble(
+        [tiny_bundle, second_member], "plain").predict(windows)).max() > 5e-5
+    assert pair.meta["training"]["warp"] == {
+        "range": 0.15, "count": 5, "factors": [round(f, 4) for f in factors]}
+    # One window alone gets the same answer as in a batch.
+    np.testing.assert_allclose(pair.predict(windows[3]), pair.predict(windows)[3], atol=1e-6)
+
+
+def test_one_member_averaged_over_warps_is_a_model_that_reloads_and_quantizes(
+        tiny_bundle, windows, tmp_path, capsys):
+    from streamkws.features import warp_factors
+
+    rc = main(["ensemble", "--model", str(tiny_bundle.path), "--warp", "0.1:3",
+               "--out", str(tmp_path / "warped.skw")])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["members"] == [tiny_bundle.name]
+    warped = load_bundle(tmp_path / "warped.skw")
+    want = _warped_mean([tiny_bundle], windows, warp_factors(0.1, 3))
+    np.testing.assert_allclose(warped.predict(windows), want, atol=1e-6)
+    assert main(["quantize", "--model", str(tmp_path / "warped.skw"), "--mode", "dynamic",
+                 "--out", str(tmp_path / "warped-int8.skw")]) == 0
+    q = load_bundle(tmp_path / "warped-int8.skw")
+    assert q.meta["arch_kwargs"]["warp_factors"] == warped.meta["arch_kwargs"]["warp_factors"]
+    assert np.abs(q.predict(windows) - want).max() < 0.05
+
+
+@pytest.mark.parametrize("warp", ["0", "0.5:5", "0.1:1", "0.1:12", "wide", "0.1:x", "-0.1:3"])
+def test_a_warp_outside_its_rule_is_one_line_naming_the_rule(tiny_bundle, tmp_path, capsys,
+                                                             warp):
+    rc = main(["ensemble", "--model", str(tiny_bundle.path), f"--warp={warp}",
+               "--out", str(tmp_path / "w.skw")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "expected R:N" in err
+    assert not (tmp_path / "w.skw").exists()
+
+
+def test_warp_options_that_a_bundle_could_carry_wrongly_are_refused_by_name():
+    spec = [{"arch": "dscnn", "arch_kwargs": {"n_classes": 4, "n_frames": 98, "n_mels": 40}}]
+    centres = [float(100 + 50 * i) for i in range(40)]
+    with pytest.raises(StreamKWSError, match="warp_factors"):
+        build_model("ensemble", n_classes=4, n_frames=98, n_mels=40, members=spec,
+                    warp_factors=[1.0], band_centres_hz=centres)
+    with pytest.raises(StreamKWSError, match="band_centres_hz"):
+        build_model("ensemble", n_classes=4, n_frames=98, n_mels=40, members=spec,
+                    warp_factors=[0.9, 1.1], band_centres_hz=centres[:32])
+    with pytest.raises(StreamKWSError, match="band_centres_hz"):
+        build_model("ensemble", n_classes=4, n_frames=98, n_mels=40, members=spec,
+                    warp_factors=[0.9, 1.1], band_centres_hz=centres[::-1])
+    with pytest.raises(StreamKWSError, match="two or more members"):
+        build_model("ensemble", n_classes=4, n_frames=98, n_mels=40, members=spec)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from streamkws.features import warp_bands
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -111,16 +113,6 @@ def warp_frequencies(feats: np.ndarray, centres_hz: np.ndarray, cfg: AugmentConf
         lo, hi, w = warp_bands(centres_hz, 1.0 + rng.uniform(-cfg.warp_range, cfg.warp_range))
         feats[i] = feats[i][:, lo] * (1 - w) + feats[i][:, hi] * w
     return feats
-
-
-def warp_bands(centres_hz: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(lo, hi, w)`` such that ``x[..., lo] * (1 - w) + x[..., hi] * w`` scales the
-    frequency axis of log-Mel ``x`` by ``factor``: band ``i`` takes the value at
-    ``centres_hz[i] / factor``, interpolated between the bands around it (the edges repeat)."""
-    grid = np.arange(len(centres_hz), dtype=np.float64)
-    pos = np.interp(centres_hz / factor, centres_hz, grid)
-    lo = np.floor(pos).astype(int)
-    return lo, np.minimum(lo + 1, len(grid) - 1), (pos - lo).astype(np.float32)
 
 
 def spec_augment(

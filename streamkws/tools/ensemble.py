@@ -7,6 +7,11 @@ a member that trained on another split has heard some of its validation speakers
 
     streamkws ensemble --model runs/s0.skw --model runs/s1.skw --out runs/pair.skw
     streamkws quantize --model runs/pair.skw --mode dynamic --out runs/pair-int8.skw
+
+``--warp R:N`` also averages every window over ``N`` frequency warps within ``1 +- R``
+(test-time augmentation over vocal-tract lengths; one member is then enough). It costs
+``N`` times the members' work per window, and moves the best threshold: calibrate it again
+(``stream-eval --target-fa-per-hour``) rather than keep the members'.
 """
 
 from __future__ import annotations
@@ -19,13 +24,34 @@ import numpy as np
 
 from streamkws.bundle import Bundle, load_bundle, new_bundle
 from streamkws.errors import StreamKWSError
+from streamkws.features import mel_centres_hz, warp_factors
 from streamkws.models import build_model
 
+MAX_WARP = 0.3
+"""Widest warp ``--warp`` takes (factors 0.77-1.3, about the spread of adult vocal-tract
+lengths); only up to 0.15 has been measured to help."""
 
-def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
-    """One float bundle whose network averages the members' class probabilities."""
-    if len(bundles) < 2:
-        raise StreamKWSError("an ensemble needs two or more --model bundles")
+
+def parse_warp(text: str) -> tuple[float, int]:
+    """``"R:N"`` (or ``"R"``, three warps) -> ``(R, N)``; one line naming the rule if not."""
+    r_text, _, n_text = text.partition(":")
+    try:
+        r, n = float(r_text), int(n_text or 3)
+    except ValueError:
+        r, n = float("nan"), 0
+    if not (0 < r <= MAX_WARP and 2 <= n <= 9):
+        raise StreamKWSError(f"--warp {text!r}: expected R:N with 0 < R <= {MAX_WARP} and "
+                             "2 <= N <= 9, e.g. 0.15:5")
+    return r, n
+
+
+def build_ensemble(bundles: list[Bundle], name: str,
+                   warp: tuple[float, int] | None = None) -> Bundle:
+    """One float bundle whose network averages the members' class probabilities, and with
+    ``warp = (R, N)`` over ``N`` frequency warps of each window within ``1 +- R``."""
+    if len(bundles) < (1 if warp else 2):
+        raise StreamKWSError("an ensemble needs two or more --model bundles (or one, "
+                             "with --warp)")
     first = bundles[0]
     for b in bundles:
         where = b.path or b.name
@@ -40,7 +66,11 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
             raise StreamKWSError(f"{where}: {why}")
     sizes = {k: first.meta["arch_kwargs"][k] for k in ("n_classes", "n_frames", "n_mels")}
     specs = [{"arch": b.meta["arch"], "arch_kwargs": b.meta["arch_kwargs"]} for b in bundles]
-    net = build_model("ensemble", **sizes, members=specs)
+    warps = {}
+    if warp:
+        warps = {"warp_factors": warp_factors(*warp),
+                 "band_centres_hz": [float(c) for c in mel_centres_hz(first.frontend)]}
+    net = build_model("ensemble", **sizes, members=specs, **warps)
     for member, b in zip(net.members, bundles, strict=True):
         member.load_state_dict(b.model.state_dict())
     n_mels = sizes["n_mels"]
@@ -58,6 +88,10 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
                      "validation": b.meta.get("metrics", {}).get("validation")}
                     for b in bundles],
     })
+    if warp:
+        training["warp"] = {"range": warp[0], "count": warp[1],
+                            "factors": [round(f, 4) for f in warps["warp_factors"]]}
+
     # The members normalise their own input, so the bundle's shared step is the identity.
     return new_bundle(net, np.zeros(n_mels, np.float32), np.ones(n_mels, np.float32),
                       first.labels, first.frontend, name, training=training)
@@ -65,7 +99,10 @@ def build_ensemble(bundles: list[Bundle], name: str) -> Bundle:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="M",
-                   help="a trained float bundle (repeat: two or more)")
+                   help="a trained float bundle (repeat: two or more, or one with --warp)")
+    p.add_argument("--warp", metavar="R:N",
+                   help="also average each window over N frequency warps within 1 +- R "
+                        "(e.g. 0.15:5): N times the work per window")
     p.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     p.add_argument("--out", required=True, metavar="M", help="bundle file to write")
 
@@ -76,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if any(b.path is not None and out.exists() and out.resolve() == b.path.resolve()
            for b in bundles):
         raise StreamKWSError(f"{out}: --out would overwrite a member")
-    ens = build_ensemble(bundles, args.name or out.stem)
+    warp = parse_warp(args.warp) if args.warp else None
+    ens = build_ensemble(bundles, args.name or out.stem, warp)
     sha = ens.save(out)
     print(json.dumps({"model": str(out), "sha256": sha, "arch": "ensemble",
                       "parameters": ens.meta["parameters"],
