@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -83,11 +83,61 @@ class Pipeline:
         self.samples = 0
         self.latency = LatencyLog()
         self.trace: list[tuple[int, int, np.ndarray | None]] | None = None
+        # The latest audio, so that a pipeline replacing this one (a reload) can rebuild
+        # the features and VAD state of the windows still to come instead of waiting for a
+        # window's worth of new audio, and losing any word spoken across the reload.
+        self._recent = np.zeros(0, np.float32)
+        self._recent_end = 0
+        self._recent_keep = max(cfg.frontend.window_samples,
+                                int(cfg.vad.history_ms * SAMPLE_RATE / 1000))
 
     def process(self, chunk: Chunk, newest: int | None = None) -> list[Detection]:
         """Feed a chunk; ``newest`` is the stream position captured so far (for dropping)."""
         self.samples += len(chunk.samples)
+        self._remember(chunk)
         return self._decide(self.frontend.process(chunk), newest)
+
+    def _remember(self, chunk: Chunk) -> None:
+        if chunk.start != self._recent_end:  # a gap: what came before is not continuous
+            self._recent = np.zeros(0, np.float32)
+        self._recent = np.concatenate([self._recent, chunk.samples])[-self._recent_keep:]
+        self._recent_end = chunk.end
+
+    def take_over(self, old: Pipeline) -> list[Detection]:
+        """Continue ``old``'s stream from where it stopped (a reload), so that a word
+        spoken across the reload is still heard once: no window is lost or decided twice,
+        and the counters carry on. Returns the detections this completes (normally none).
+
+        With the same front end, VAD and window settings, ``old``'s front end simply moves
+        over with its held windows. Otherwise ``old`` decides what it holds, and the new
+        front end rebuilds its features and VAD state from the latest audio, so its first
+        window is the one ``old`` would have formed next.
+        """
+        self.inferences, self.dropped_windows = old.inferences, old.dropped_windows
+        self.samples, self.latency = old.samples, old.latency
+        self._recent, self._recent_end = old._recent, old._recent_end
+        self.smoother.carry_over(old.smoother)
+        same = ("frontend", "vad", "windows")
+        if all(getattr(self.cfg, k) == getattr(old.cfg, k) for k in same):
+            self.frontend = old.frontend
+            return []
+        out = old.flush()
+        fe, recent, end = self.frontend, old._recent, old._recent_end
+        begin = end - len(recent)
+        start = old.frontend.next_window_start
+        if start < begin:  # no audio that far back (just after a gap): start from what is
+            start = begin
+        else:  # the earliest window start on the new grid that the audio covers
+            step = fe.windower.hop_frames * fe.config.hop_length
+            start -= (start - begin) // step * step
+        if start > begin:  # the VAD also hears what came before, as the old one did
+            fe.gate.push(Chunk(recent[: start - begin], begin))
+        fe.resume_at(start, formed_until=old.frontend.formed_until)
+        fe.windows, fe.windows_open = old.frontend.windows, old.frontend.windows_open
+        fe.gaps, fe.invalid_samples = old.frontend.gaps, old.frontend.invalid_samples
+        if start < end:
+            out += self._decide(fe.process(Chunk(recent[start - begin:], start)), None)
+        return out
 
     def flush(self) -> list[Detection]:
         """Decide the windows the front end still holds (end of stream, before a reload)."""
@@ -167,53 +217,75 @@ class Daemon:
         from streamkws.publish import Publisher
         from streamkws.sdnotify import Notifier
 
-        self.cfg = cfg
-        self.config_path = config_path
-        self.overrides = overrides or Overrides()
-        self.echo = echo
-        self.wait_subscribers = wait_subscribers
-        self.wait_timeout = wait_timeout
-        torch.set_num_threads(cfg.model.threads)
-        self.bundle = load_bundle(cfg.model.name)
-        self.pipeline = Pipeline(cfg, self.bundle)
-        self.source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
-        if isinstance(self.source, MicSource):
-            load_portaudio()  # a missing library is a start-up error, not an outage to wait out
-        self.supervisor: SourceSupervisor | None = None
-        self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
-        self.publisher = Publisher(cfg.publish)
-        self.notifier = Notifier.from_env()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self.detections = 0
-        self.started = time.monotonic()
-        # Live sources (microphones, paced replay) must keep up; a fast replay waits for
-        # us instead, so nothing is ever dropped there.
-        self.live = not self.source.blocks_on_full_ring or getattr(self.source, "realtime",
-                                                                   False)
+        # Before the slow part (loading the model): systemd may send SIGHUP or SIGTERM as
+        # soon as the process exists, and their default actions would kill it outright.
+        self._previous_handlers = self._install_signals()
+        try:
+            self.cfg = cfg
+            self.config_path = config_path
+            self.overrides = overrides or Overrides()
+            self.echo = echo
+            self.wait_subscribers = wait_subscribers
+            self.wait_timeout = wait_timeout
+            torch.set_num_threads(cfg.model.threads)
+            self.bundle = load_bundle(cfg.model.name)
+            self.pipeline = Pipeline(cfg, self.bundle)
+            self.source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+            if isinstance(self.source, MicSource):
+                load_portaudio()  # a missing library is a start-up error, not an outage to wait out
+            self.supervisor: SourceSupervisor | None = None
+            self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
+            self.publisher = Publisher(cfg.publish)
+            self.notifier = Notifier.from_env()
+            self.detections = 0
+            self.started = time.monotonic()
+            # Live sources (microphones, paced replay) must keep up; a fast replay waits for
+            # us instead, so nothing is ever dropped there.
+            self.live = not self.source.blocks_on_full_ring or getattr(self.source, "realtime",
+                                                                       False)
+        except BaseException:
+            self._restore_signals()  # no daemon to stop: the old handlers apply again
+            raise
 
     # -- control ---------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
-        self.ring.wake()
+        self._wake()
 
     def request_reload(self) -> None:
         self._reload.set()
-        self.ring.wake()
+        self._wake()
 
-    def _install_signals(self) -> None:
+    def _wake(self) -> None:
+        ring = getattr(self, "ring", None)  # a signal may arrive while __init__ still runs
+        if ring is not None:
+            ring.wake()
+
+    def _install_signals(self) -> dict[int, Any]:
+        """Route SIGTERM/SIGINT to a stop and SIGHUP to a reload; returns the handlers
+        they replace (none off the main thread, where Python cannot install any)."""
         if threading.current_thread() is not threading.main_thread():
-            return
-        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+            return {}
+        actions = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                   signal.SIGHUP: self.request_reload}
+        return {sig: signal.signal(sig, lambda *_, act=act: act())
+                for sig, act in actions.items()}
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def reload(self) -> bool:
         """Re-read the config and model; on any error keep running the old ones."""
         self.notifier.reloading()
         try:
-            new = apply_overrides(load_default(self.config_path), self.overrides)
+            loaded = apply_overrides(load_default(self.config_path), self.overrides)
+            # The device and the socket stay open, so their settings stay too.
+            new = loaded.replace(audio=self.cfg.audio, publish=self.cfg.publish)
             bundle = load_bundle(new.model.name)
             pipeline = Pipeline(new, bundle)
         except StreamKWSError as exc:
@@ -221,18 +293,11 @@ class Daemon:
             self.notifier.ready("reload rejected: " + str(exc)[:200])
             return False
         for section in ("audio", "publish"):
-            if getattr(new, section) != getattr(self.cfg, section):
-                log.warning("[%s] changes take effect only after a restart", section)
-        # The last window or two still held by the old front end are decided by the old
-        # configuration: a reload never loses a word.
-        for det in self.pipeline.flush():
+            if getattr(loaded, section) != getattr(self.cfg, section):
+                log.warning("[%s] changes take effect only after a restart; still running "
+                            "the previous [%s]", section, section)
+        for det in pipeline.take_over(self.pipeline):
             self._publish_detection(det)
-        # Counters carry over so status stays monotonic across reloads.
-        pipeline.inferences = self.pipeline.inferences
-        pipeline.dropped_windows = self.pipeline.dropped_windows
-        pipeline.samples = self.pipeline.samples
-        pipeline.latency = self.pipeline.latency
-        pipeline.frontend.resume_at(self.pipeline.frontend.position)
         torch.set_num_threads(new.model.threads)
         self.cfg, self.bundle, self.pipeline = new, bundle, pipeline
         log.info("reloaded configuration; model %s (%s), %s", bundle.name, bundle.sha256[:12],
@@ -243,14 +308,37 @@ class Daemon:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._install_signals()
+        """Serve until the source ends or a stop is requested; then, whatever happened
+        (a bug in processing included), close the device and the socket after a final
+        status, so subscribers and systemd always hear how it ended."""
+        error = None
+        try:
+            return self._serve()
+        except Exception as exc:
+            log.exception("processing failed, stopping")
+            error = f"{type(exc).__name__}: {exc}"
+            return 1
+        finally:
+            self.notifier.stopping()
+            if self.supervisor is not None:
+                self.supervisor.stop()
+            self.source.stop()
+            self._publish_status(final=True, error=error)
+            self.publisher.close()
+            self._restore_signals()
+
+    def _serve(self) -> int:
+        if self._stop.is_set():  # asked to stop while the model was loading
+            return 0
         sink_block = self.source.blocks_on_full_ring
 
         def sink(chunk: Chunk) -> None:
             self.ring.write(chunk, block=sink_block, stop=self._stop)
 
         if self.wait_subscribers and not self.publisher.wait_for_subscribers(
-                self.wait_subscribers, self.wait_timeout):
+                self.wait_subscribers, self.wait_timeout, stop=self._stop):
+            if self._stop.is_set():
+                return 0
             log.warning("only %d of %d subscribers after %.0f s; starting anyway",
                         self.publisher.subscriptions, self.wait_subscribers, self.wait_timeout)
         if isinstance(self.source, MicSource):
@@ -270,7 +358,6 @@ class Daemon:
         self._publish_status()
         next_status = time.monotonic() + self.cfg.publish.status_interval_s
         watchdog = self._watchdog_pacer()
-        hop = self.cfg.windows.hop_ms * SAMPLE_RATE // 1000
         # Audio (a window hop's worth), stop and reload requests and the end of a file
         # all wake the read below; its timeout only paces status messages, the watchdog
         # and the polling of a microphone being retried.
@@ -282,6 +369,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            hop = self.cfg.windows.hop_ms * SAMPLE_RATE // 1000  # a reload may change it
             # A live stream is read a window hop at a time: windows cannot complete
             # sooner, and waking for every capture block would cost more than the work.
             whole_hops = self.live and not self.source.finished.is_set()
@@ -308,12 +396,6 @@ class Daemon:
                 next_status = now + self.cfg.publish.status_interval_s
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
-        self.notifier.stopping()
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        self.source.stop()
-        self._publish_status(final=True)
-        self.publisher.close()
         return rc
 
     def _watchdog_pacer(self):
@@ -365,12 +447,14 @@ class Daemon:
         return {"source_state": sup.state, "source_error": sup.error,
                 "source_retries": sup.retries}
 
-    def _publish_status(self, final: bool = False) -> None:
+    def _publish_status(self, final: bool = False, error: str | None = None) -> None:
         from streamkws.publish import status_message
 
         c = self.counters()
         if final:
             c["final"] = True
+        if error is not None:
+            c["error"] = error[:500]
         self.publisher.publish("status", status_message(**c))
         self.notifier.status(self._status_line())
 

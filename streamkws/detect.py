@@ -43,6 +43,9 @@ class Smoother:
             from streamkws.errors import ConfigError
 
             name = sorted(unknown)[0]
+            if name in labels:
+                raise ConfigError(f"detect.thresholds.{name}",
+                                  f"'{name}' is in detect.ignore, so it never publishes")
             raise ConfigError(f"detect.thresholds.{name}",
                               f"the model has no keyword '{name}' (it knows: "
                               f"{', '.join(labels[i] for i in self.keywords)})")
@@ -60,6 +63,24 @@ class Smoother:
         self._run_peak = np.zeros(k)
         self._fired = np.zeros(k, dtype=bool)
         self._quiet_until = np.full(k, -(1 << 62), dtype=np.int64)
+
+    def carry_over(self, old: Smoother) -> None:
+        """Go on from ``old``'s state (a reload), so that an utterance it was hearing or
+        had just reported is not reported again. With other keywords, only the quiet
+        periods of the keywords both have carry over."""
+        mine = [self.labels[k] for k in self.keywords]
+        theirs = [old.labels[k] for k in old.keywords]
+        shift = self.refractory - old.refractory  # the new length, from the old detection
+        if mine == theirs:
+            self._history = deque(old._history, maxlen=self.cfg.average_windows)
+            self._run, self._run_peak = old._run.copy(), old._run_peak.copy()
+            self._run_first, self._run_last = list(old._run_first), list(old._run_last)
+            self._fired = old._fired.copy()
+            self._quiet_until = old._quiet_until + shift
+            return
+        for i, label in enumerate(mine):
+            if label in theirs:
+                self._quiet_until[i] = old._quiet_until[theirs.index(label)] + shift
 
     def push(self, probs: np.ndarray | None, start: int, end: int) -> Detection | None:
         """One window's class probabilities (None: gate closed); maybe a detection."""

@@ -62,11 +62,25 @@ class FrontEnd:
         # straddling its end may need audio from the next chunk; judging early would make
         # the gate's answer depend on where chunks happen to end.
         self._held: deque[Window] = deque()
+        self._formed_until = -1  # windows ending here or before were another's to judge
 
-    def resume_at(self, position: int) -> None:
-        """Continue a stream at ``position`` (a replacement front end after a reload)."""
+    def resume_at(self, position: int, formed_until: int | None = None) -> None:
+        """Continue a stream at ``position`` (a replacement front end after a reload),
+        leaving out the windows that end at or before ``formed_until``: the front end it
+        replaces formed those already."""
         self._expected = position
         self.windower.reset(position)
+        self._formed_until = -1 if formed_until is None else formed_until
+
+    @property
+    def next_window_start(self) -> int:
+        """Stream sample where the next window to form starts."""
+        return self.windower.next_start
+
+    @property
+    def formed_until(self) -> int | None:
+        """Stream sample just past the last window formed."""
+        return self.windower.last_end
 
     @property
     def position(self) -> int:
@@ -86,7 +100,8 @@ class FrontEnd:
             self.windower.reset(chunk.start)
         self._expected = chunk.end
         self.gate.push(chunk)
-        self._held.extend(self.windower.push(self.features.process(chunk.samples)))
+        self._held.extend(w for w in self.windower.push(self.features.process(chunk.samples))
+                          if w.end > self._formed_until)
         limit = self.gate.decided_until
         while self._held and self._held[0].end <= limit:
             out.append(self._judge(self._held.popleft()))
