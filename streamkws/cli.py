@@ -12,7 +12,9 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -27,6 +29,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamkws.config import load_default
     from streamkws.daemon import Daemon, Overrides, apply_overrides
 
+    if args.wait_subscribers < 0:
+        raise StreamKWSError(f"--wait-subscribers must be 0 or more (got {args.wait_subscribers})")
+    if not 0 <= args.wait_timeout <= 86400:  # NaN fails this too
+        raise StreamKWSError(f"--wait-timeout must be 0-86400 seconds (got {args.wait_timeout})")
     overrides = Overrides(source=args.source, model=args.model, publish=args.publish,
                           realtime=args.realtime)
     cfg = apply_overrides(load_default(args.config), overrides)
@@ -338,6 +344,11 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command == "run" and threading.current_thread() is threading.main_thread():
+        # Until the daemon takes SIGHUP over (before loading its model), a reload request
+        # (`systemctl reload` during start-up) must not kill it: the config it is about to
+        # read is the newest anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         rc = func(args)
     except StreamKWSError as exc:

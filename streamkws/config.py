@@ -166,6 +166,17 @@ class DetectConfig:
         return self
 
 
+def tcp_port_problem(endpoint: str) -> str | None:
+    """Why a ``tcp://`` endpoint's port is not one (ZeroMQ would wrap 99999 round to
+    another port without a word), or None."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    port = endpoint.rpartition(":")[2]
+    if port == "*" or (port.isdecimal() and int(port) <= 65535):
+        return None
+    return f"the port must be 0-65535 or * (got {endpoint!r})"
+
+
 @dataclass(frozen=True)
 class PublishConfig:
     endpoint: str = "tcp://127.0.0.1:5556"
@@ -187,6 +198,9 @@ class PublishConfig:
                 f"{prefix}.endpoint",
                 f"must start with tcp://, ipc:// or inproc:// (got {self.endpoint!r})",
             )
+        problem = tcp_port_problem(self.endpoint)
+        if problem:
+            raise ConfigError(f"{prefix}.endpoint", problem)
         # Below ~100, ZeroMQ drops in bursts even for subscribers that keep up (it learns
         # what a subscriber has read only every half-HWM messages).
         if not 100 <= self.high_water_mark <= 1_000_000:

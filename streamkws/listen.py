@@ -20,6 +20,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
+from streamkws.config import tcp_port_problem
 from streamkws.errors import StreamKWSError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def listen(
     ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
     """
     out = sys.stdout if out is None else out
+    problem = tcp_port_problem(connect)
+    if problem:
+        raise StreamKWSError(f"--connect: {problem}")
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -105,7 +109,9 @@ def _setup_curve_client(sub: zmq.Socket, server_key: str, client_key: str | None
         sub.curve_publickey = public
         sub.curve_secretkey = secret
     except zmq.ZMQError as exc:
-        raise StreamKWSError(f"invalid CURVE key ({exc})") from None
+        raise StreamKWSError(f"--server-key {server_key}"
+                             + (f" / --client-key {client_key}" if client_key else "")
+                             + f": not a valid CURVE key ({exc})") from None
 
 
 def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
@@ -163,12 +169,29 @@ def _format(frames: list[bytes]) -> str | None:
         log.warning("ignoring a message of %d frames (expected topic and JSON)", len(frames))
         return None
     try:
-        payload = json.loads(frames[1].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = json.loads(frames[1].decode("utf-8"), parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError) as exc:
         log.warning("ignoring a %r message that is not UTF-8 JSON: %s", frames[0], exc)
         return None
-    # Re-encoded so a publisher's pretty-printed JSON still comes out as one line.
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    if not isinstance(payload, dict):
+        log.warning("ignoring a %r message that is not a JSON object", frames[0])
+        return None
+    # Re-encoded so a publisher's pretty-printed JSON still comes out as one line; numbers
+    # too large for a float (1e400) come back as infinity, which JSON cannot say.
+    try:
+        line = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        line.encode("utf-8")
+    except ValueError:  # a lone surrogate ("\ud800") or an infinity
+        try:
+            return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        except ValueError:
+            log.warning("ignoring a %r message with a number JSON cannot hold", frames[0])
+            return None
+    return line
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int]) -> None:

@@ -15,6 +15,7 @@ publishes and calls :meth:`Publisher.close`; other threads hand it messages thro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from streamkws.config import PublishConfig
 from streamkws.errors import StreamKWSError
@@ -106,13 +109,14 @@ def status_message(
     source_state: str | None = None,
     source_error: str | None = None,
     source_retries: int | None = None,
+    error: str | None = None,
 ) -> dict[str, Any]:
     """A status message with the contract's keys (plus ``"final": true`` if final).
 
-    The optional extras (process CPU time, inference latency, the audio source's health)
-    are added after the contract's keys when given; subscribers that do not know them
-    ignore them. Keyword-only so ``status_message(**counters)`` with a misspelt counter
-    fails loudly.
+    The optional extras (process CPU time, inference latency, the audio source's health,
+    and in a final status why the daemon failed) are added after the contract's keys when
+    given; subscribers that do not know them ignore them. Keyword-only so
+    ``status_message(**counters)`` with a misspelt counter fails loudly.
     """
     msg: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -128,7 +132,8 @@ def status_message(
     }
     extras = {"cpu_seconds": cpu_seconds, "inference_ms_p50": inference_ms_p50,
               "inference_ms_p99": inference_ms_p99, "source_state": source_state,
-              "source_error": source_error, "source_retries": source_retries}
+              "source_error": source_error, "source_retries": source_retries,
+              "error": error}
     msg.update({k: v for k, v in extras.items() if v is not None})
     if final:
         msg["final"] = True
@@ -157,14 +162,24 @@ class Publisher:
         self._auth: ThreadAuthenticator | None = None
         self.subscriptions = 0
         """Subscribe requests heard so far (each subscriber sends one per topic)."""
+        self.subscribers = 0
+        """Subscribers connected now (connections accepted, less those closed)."""
+        self._peers: set[int] = set()
+        self._bound = False
         self.socket: zmq.Socket = self.context.socket(zmq.XPUB)
+        # Watched from before the bind, so no subscriber can connect unseen.
+        self._monitor: zmq.Socket | None = self.socket.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             self._setup(cfg)
         except BaseException:
             self.close()
             raise
         self.endpoint: str = self._bound_endpoint()
-        log.info("publishing on %s%s", self.endpoint, " (CURVE)" if self._auth else "")
+        chosen = self.endpoint != cfg.endpoint and cfg.endpoint.startswith("tcp://")
+        # A port the system chose is something the user cannot otherwise learn.
+        log.log(logging.WARNING if chosen else logging.INFO, "publishing on %s%s",
+                self.endpoint, " (CURVE)" if self._auth else "")
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -193,6 +208,7 @@ class Publisher:
             raise StreamKWSError(
                 f"cannot publish on {cfg.endpoint}: {_bind_reason(exc, cfg.endpoint)}"
             ) from None
+        self._bound = True
 
     def _setup_curve(self, cfg: PublishConfig) -> None:
         path = Path(cfg.curve_secret_key).expanduser()
@@ -208,6 +224,16 @@ class Publisher:
             raise StreamKWSError(
                 f"publish.curve_secret_key: {path} holds only a public key; give the secret "
                 "key file (the '.key_secret' one from 'create_certificates')"
+            )
+        try:
+            matches = zmq.curve_public(secret) == public
+        except (zmq.ZMQError, ValueError):
+            matches = True  # a malformed key: reported below, when the socket takes it
+        if not matches:
+            # Clients given the public half would all fail their handshakes, silently.
+            raise StreamKWSError(
+                f"publish.curve_secret_key: in {path} the public key is not the secret "
+                "key's own; make a new pair with generate_keys"
             )
         try:
             if path.stat().st_mode & 0o077:
@@ -265,19 +291,39 @@ class Publisher:
             try:
                 frame = self.socket.recv(zmq.NOBLOCK)
             except zmq.ZMQError:
-                return
+                break
             if frame[:1] == b"\x01":
                 self.subscriptions += 1
+        while self._monitor is not None:
+            try:
+                evt = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            # By connection: both events carry its file descriptor. (A client refused by
+            # CURVE is accepted and soon disconnected; it never subscribes meanwhile.)
+            if evt["event"] == zmq.EVENT_ACCEPTED:
+                self._peers.add(evt["value"])
+            elif evt["event"] == zmq.EVENT_DISCONNECTED:
+                self._peers.discard(evt["value"])
+            self.subscribers = len(self._peers)
 
-    def wait_for_subscribers(self, n: int, timeout: float) -> bool:
-        """Block until ``n`` subscriptions have arrived or ``timeout`` seconds pass."""
+    def wait_for_subscribers(self, n: int, timeout: float,
+                             stop: threading.Event | None = None) -> bool:
+        """Block until ``n`` subscribers are connected and have subscribed, ``timeout``
+        seconds pass or ``stop`` is set (a SIGTERM must not wait out the timeout).
+
+        ZeroMQ does not say which subscriber sent a subscription, so "have subscribed" means
+        at least ``n`` subscriptions: a subscriber to two topics and one still connecting
+        pass as two.
+        """
         deadline = time.monotonic() + timeout
-        while self.subscriptions < n:
+        self._drain_subscriptions()
+        while self.subscribers < n or self.subscriptions < n:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (stop is not None and stop.is_set()):
                 return False
-            if self.socket.poll(int(min(left, 0.1) * 1000), zmq.POLLIN):
-                self._drain_subscriptions()
+            time.sleep(min(left, 0.02))
+            self._drain_subscriptions()
         return True
 
     def publish(self, topic: str, payload: dict[str, Any]) -> bool:
@@ -295,8 +341,10 @@ class Publisher:
         self._drain_subscriptions()  # keeps the XPUB's incoming queue from growing
         payload["v"] = PROTOCOL_VERSION
         payload["seq"] = self.sent
+        # "replace": a string that cannot be UTF-8 (a file name's undecodable bytes) must
+        # not stop detections from going out.
         data = json.dumps(payload, ensure_ascii=False, allow_nan=False,
-                          separators=(",", ":")).encode("utf-8")
+                          separators=(",", ":")).encode("utf-8", "replace")
         try:
             self.socket.send_multipart([topic.encode("utf-8"), data], flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -316,7 +364,13 @@ class Publisher:
             return
         self._closed = True
         try:
+            if self._monitor is not None:
+                self.socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self.socket.close(linger=LINGER_MS)
+            if self._bound:  # never another process's file: only the one we bound
+                _remove_ipc_file(self.cfg.endpoint)
         finally:
             if self._auth is not None:
                 self._auth.stop()
@@ -410,6 +464,16 @@ def _prepare_ipc_path(endpoint: str) -> None:
             f"cannot publish on {endpoint}: cannot remove stale socket file "
             f"({exc.strerror or exc})"
         ) from None
+
+
+def _remove_ipc_file(endpoint: str) -> None:
+    """Remove our socket file once closed (libzmq leaves it behind)."""
+    raw = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    if not raw or raw.startswith("@") or raw == "*":
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(Path(raw).lstat().st_mode):
+            Path(raw).unlink()
 
 
 def _bind_reason(exc: zmq.ZMQError, endpoint: str) -> str:

@@ -178,3 +178,168 @@ def test_demo_prints_detections_as_json_lines(tmp_path):
     found = [json.loads(line)["keyword"] for line in r.stdout.splitlines()]
     # demo.csv lists the ten keywords; a newcomer should see nearly all of them.
     assert len(set(found)) >= 8, found
+
+
+# -- reloads that lose nothing --------------------------------------------------------------
+
+def _replay(cfgs, reload_every: int, step: int = 1600):
+    """The demo recording through the daemon's pipeline in ``step``-sample chunks, replaced
+    by a new pipeline (cycling through ``cfgs``) every ``reload_every`` chunks, as SIGHUP
+    does: returns every window's (start, end, top class or None) and the detections."""
+    import soundfile as sf
+
+    from streamkws.audio.chunk import Chunk
+    from streamkws.audio.sources import DEMO_WAV
+    from streamkws.bundle import load_bundle
+    from streamkws.daemon import Pipeline
+
+    audio, _ = sf.read(DEMO_WAV, dtype="float32")
+    bundle = load_bundle("default")
+    p = Pipeline(cfgs[0], bundle)
+    trace = p.trace = []
+    dets, reloads = [], 0
+    for k, s in enumerate(range(0, len(audio), step)):
+        if reload_every and k and k % reload_every == 0:
+            reloads += 1
+            q = Pipeline(cfgs[reloads % len(cfgs)], bundle)
+            q.trace = trace
+            dets += q.take_over(p)
+            p = q
+        dets += p.process(Chunk(audio[s:s + step], s))
+    dets += p.flush()
+    assert p.samples == len(audio)
+    windows = [(s, e, None if pr is None else int(pr.argmax())) for s, e, pr in trace]
+    return windows, [(d.keyword, d.start, d.end, d.emit) for d in dets], p
+
+
+@pytest.mark.parametrize("every", [3, 7, 13])
+def test_a_reload_to_the_same_settings_changes_no_window_and_no_detection(every):
+    from streamkws.config import Config
+
+    windows, dets, _ = _replay([Config()], 0)
+    assert len(dets) == 10  # the demo's ten keywords
+    again, dets_again, p = _replay([Config()], every)
+    assert again == windows and dets_again == dets
+    assert p.frontend.windows == len(windows)  # counters carried across reloads
+
+
+@pytest.mark.parametrize("change", ["vad", "hop"])
+def test_a_reload_to_other_settings_loses_no_window_and_decides_none_twice(change):
+    """A new front end rebuilds its state from the latest audio: windows go on at most one
+    hop apart, a word spoken across a reload is still heard once."""
+    import dataclasses
+
+    from streamkws.config import Config
+
+    base = Config()
+    other = (base.replace(vad=dataclasses.replace(base.vad, kind="webrtc")) if change == "vad"
+             else base.replace(windows=dataclasses.replace(base.windows, hop_ms=50)))
+    _, dets, _ = _replay([base], 0)
+    for every in (3, 7):
+        windows, dets_again, _ = _replay([base, other], every)
+        ends = [e for _, e, _ in windows]
+        assert ends == sorted(set(ends)), "a window decided twice or out of order"
+        assert max(b - a for a, b in zip(ends, ends[1:], strict=False)) <= 1600
+        assert [d[0] for d in dets_again] == [d[0] for d in dets]
+
+
+def test_a_reload_keeps_the_audio_and_publish_settings_it_says_need_a_restart(tmp_path,
+                                                                               caplog):
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon
+
+    cfg_file = tmp_path / "streamkws.toml"
+    cfg_file.write_text(f'[publish]\nendpoint = "ipc://{tmp_path}/p.sock"\n')
+    daemon = Daemon(load_default(cfg_file), config_path=cfg_file, echo=None)
+    try:
+        before = daemon.cfg
+        cfg_file.write_text(f'[publish]\nendpoint = "ipc://{tmp_path}/p.sock"\n'
+                            'status_interval_s = 0.2\n[audio]\nring_seconds = 7\n'
+                            '[detect]\nthreshold = 0.9\n')
+        assert daemon.reload()
+        assert daemon.cfg.publish == before.publish and daemon.cfg.audio == before.audio
+        assert daemon.pipeline.cfg.detect.threshold == 0.9  # the rest does take effect
+        assert "[publish] changes take effect only after a restart" in caplog.text
+        assert "[audio] changes take effect only after a restart" in caplog.text
+    finally:
+        daemon.publisher.close()
+        daemon._restore_signals()
+
+
+# -- stopping, whatever happens -----------------------------------------------------------
+
+def test_sighup_during_start_up_does_not_kill_the_daemon(tmp_path):
+    proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime")
+    time.sleep(0.3)  # importing and loading the model: before any handler of the daemon's
+    proc.send_signal(signal.SIGHUP)
+    notify.wait_for("READY=1")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    assert proc.returncode == 0
+    sub.join(5)
+    assert sub.messages[-1][1].get("final") is True
+
+
+def test_sigterm_while_waiting_for_subscribers_stops_at_once(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamkws", "-v", "run", "--publish", endpoint, "--quiet",
+         "--source", "demo", "--fast", "--wait-subscribers", "1", "--wait-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "pub.sock").exists():  # bound: now it waits for a subscriber
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t < 2.0
+    assert proc.returncode == 0
+    assert "starting anyway" not in err and "listening on" not in err
+    assert not (tmp_path / "pub.sock").exists()  # the socket file goes with the daemon
+
+
+def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp_path,
+                                                                             monkeypatch):
+    from streamkws.bundle import Bundle
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    calls = []
+    real_predict = Bundle.predict
+
+    def failing_predict(self, features):
+        calls.append(1)
+        if len(calls) == 20:
+            raise RuntimeError("model exploded")
+        return real_predict(self, features)
+
+    monkeypatch.setattr(Bundle, "predict", failing_predict)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=30)
+    sub.start()
+    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
+                                                        publish=endpoint))
+    handlers = {sig: signal.getsignal(sig)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    daemon = Daemon(cfg, echo=None, wait_subscribers=1)
+    assert signal.getsignal(signal.SIGHUP) != handlers[signal.SIGHUP]
+    assert daemon.run() == 1
+    sub.join(5)
+    last = sub.messages[-1][1]
+    assert last["type"] == "status" and last["final"] is True
+    assert last["error"] == "RuntimeError: model exploded"
+    assert daemon.source.finished.is_set() and daemon.publisher.closed
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # handed back
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_a_wait_timeout_that_is_not_a_duration_is_one_line(value, capsys):
+    from streamkws.cli import main
+
+    assert main(["run", "--source", "demo", "--wait-subscribers", "1",
+                 f"--wait-timeout={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--wait-timeout must be 0-86400" in err

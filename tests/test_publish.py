@@ -528,7 +528,16 @@ def test_listen_key_errors_are_user_errors(tmp_path: Path,
     with pytest.raises(StreamKWSError, match="--server-key"):
         listen(DEFAULT_CONNECT, [], None, str(keys["client_a"][1]), timeout=0.1)
     with pytest.raises(StreamKWSError, match="cannot connect"):
-        listen("tcp://no-port", [], None, None, timeout=0.1)
+        listen("bogus://x", [], None, None, timeout=0.1)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://no-port", "tcp://127.0.0.1:99999",
+                                      "tcp://127.0.0.1:-1", "tcp://127.0.0.1:"])
+def test_a_tcp_port_out_of_range_is_refused_not_wrapped_round(endpoint: str) -> None:
+    with pytest.raises(StreamKWSError, match="--connect: the port must be 0-65535"):
+        listen(endpoint, [], None, None, timeout=0.1)
+    with pytest.raises(StreamKWSError, match="publish.endpoint.*port must be 0-65535"):
+        PublishConfig(endpoint=endpoint).validate()
 
 
 def test_listen_arguments(make_pub: Callable[..., Publisher]) -> None:
@@ -561,3 +570,86 @@ def test_a_replay_can_wait_for_its_subscribers(ctx: zmq.Context,
     for s in (a, b):
         (_, payload), = receive_after(s, 0, 1)
         assert payload["seq"] == 0
+
+
+def test_waiting_for_subscribers_counts_subscribers_not_their_topics(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    two_topics = subscriber(ctx, pub.endpoint)
+    two_topics.setsockopt(zmq.SUBSCRIBE, b"status")
+    assert not pub.wait_for_subscribers(2, timeout=1.0)
+    assert pub.subscriptions >= 2 and pub.subscribers == 1
+    other = subscriber(ctx, pub.endpoint)
+    assert pub.wait_for_subscribers(2, timeout=5.0)
+    two_topics.close(linger=0)
+    deadline = time.monotonic() + 5
+    while pub.subscribers != 1:  # a subscriber that leaves is no longer counted
+        assert time.monotonic() < deadline
+        pub.publish("status", a_status())
+        time.sleep(0.02)
+    assert recv(other, 1.0) is not None
+
+
+def test_waiting_for_subscribers_ends_when_told_to_stop(
+        make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    t = time.monotonic()
+    assert not pub.wait_for_subscribers(1, timeout=30.0, stop=stop)
+    assert time.monotonic() - t < 2.0
+
+
+def test_a_closed_publisher_removes_its_socket_file_and_only_its_own(
+        make_pub: Callable[..., Publisher], tmp_path: Path) -> None:
+    path = tmp_path / "kws.sock"
+    pub = make_pub(f"ipc://{path}")
+    assert path.exists()
+    with pytest.raises(StreamKWSError, match="address in use"):
+        make_pub(f"ipc://{path}")
+    assert path.exists()  # the refused one left the running one's file alone
+    pub.close()
+    assert not path.exists()
+
+
+def test_a_name_that_is_not_utf8_does_not_stop_detections_going_out(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    sub = subscriber(ctx, pub.endpoint)
+    sync(pub, sub)
+    # What Python makes of a Latin-1 file name on the command line: a lone surrogate.
+    msg = detection_message(keyword="yes", score=0.9, t_start=1.0, t_end=1.5, t_emit=1.6,
+                            source="wav:d\udce9mo.wav", model="default", model_sha256="0")
+    assert pub.publish("detection", msg)
+    _, got = recv(sub, 2.0)
+    assert got["keyword"] == "yes" and got["source"] == "wav:d?mo.wav"
+
+
+def test_a_key_file_whose_halves_do_not_match_is_refused(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path) -> None:
+    server_public, _ = zmq.auth.load_certificate(keys["server"][0])
+    _, other_secret = zmq.auth.load_certificate(keys["client_a"][1])
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(f'curve\n    public-key = "{server_public.decode()}"\n'
+                     f'    secret-key = "{other_secret.decode()}"\n')
+    with pytest.raises(StreamKWSError, match="not the secret key's own"):
+        make_pub(curve_secret_key=str(mixed))
+
+
+@pytest.mark.parametrize(("body", "printed"), [
+    (b'{"type": "detection", "keyword": "yes"}', '{"type":"detection","keyword":"yes"}'),
+    (b'{"name": "caf\\u00e9"}', '{"name":"caf\u00e9"}'),
+    (b'{"name": "\\ud800"}', '{"name":"\\ud800"}'),   # a lone surrogate, kept escaped
+    (b'{"score": NaN}', None),
+    (b'{"score": 1e400}', None),
+    (b"[1, 2]", None),
+])
+def test_listen_prints_only_valid_json_objects(body: bytes, printed: str | None) -> None:
+    from streamkws.listen import _format
+
+    line = _format([b"detection", body])
+    assert line == printed
+    if line is not None:
+        line.encode("utf-8")  # writable to any UTF-8 terminal or pipe
+        assert isinstance(json.loads(line), dict)

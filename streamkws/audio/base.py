@@ -115,5 +115,7 @@ class ThreadedSource(AudioSource):
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
+            # A reader blocked on a silent pipe cannot be woken; it is a daemon thread, so
+            # waiting longer would only eat into the 2 s a stop may take.
+            self._thread.join(timeout=1.0)
         self.finished.set()
