@@ -203,10 +203,15 @@ class Bundle:
         torch.save({"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
                     "state_dict": self.model.state_dict()}, buf)
         data = buf.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # never leave a half-written bundle under the real name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            tmp.replace(path)  # never leave a half-written bundle under the real name
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StreamKWSError(f"cannot write the bundle {path}: "
+                                 f"{exc.strerror or exc}") from None
         self.meta, self.path = meta, path
         self.sha256 = hashlib.sha256(data).hexdigest()
         return self.sha256
@@ -265,6 +270,8 @@ def resolve_model(spec: str | Path) -> Path:
             raise StreamKWSError(f"the bundled model '{s}' is missing from the package ({path})")
         return path
     path = Path(s)
+    if path.is_dir():
+        raise StreamKWSError(f"{path}: is a folder, not a model bundle file")
     if not path.is_file():
         names = ", ".join(BUNDLED)
         raise StreamKWSError(f"{path}: no such model bundle (bundled models: {names})")

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -69,9 +70,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from streamkws.tools.outputs import check_output
     from streamkws.tools.train import config_from_args, describe, train
 
     cfg = config_from_args(args)
+    check_output(cfg.out, inputs=(args.init,))
     cfg.check_backbone()
     for d in cfg.data + cfg.extra:
         if not d.is_dir():
@@ -102,8 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from streamkws.bundle import load_bundle
     from streamkws.tools.evaluate import evaluate, format_report, plot_confusion
+    from streamkws.tools.outputs import PICTURES, check_output
 
     bundle = load_bundle(args.model)
+    if args.plot:
+        check_output(args.plot, "--plot", suffixes=PICTURES)
     if args.quant_solution or bundle.meta.get("fixed_point"):
         from streamkws.tools.sweep import evaluate_with_solution, load_solution
 
@@ -122,15 +128,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from streamkws.bundle import load_bundle
+    from streamkws.tools.outputs import check_output
     from streamkws.tools.predict import expand_paths, plot_prediction, predict_files
 
     bundle = load_bundle(args.model)
-    preds, errors = predict_files(bundle, expand_paths(args.files))
     if args.plot:
-        Path(args.plot).mkdir(parents=True, exist_ok=True)
+        plots = Path(args.plot)
+        if plots.exists() and not plots.is_dir():
+            raise StreamKWSError(f"--plot {plots}: not a folder")
+        check_output(plots / "x.png", "--plot")
+    preds, errors = predict_files(bundle, expand_paths(args.files))
+    # Speech Commands repeats file names across label folders: those get the folder too.
+    stems = Counter(Path(p.path).stem for p in preds)
     for p in preds:
         if args.plot:
-            plot_prediction(bundle, p, Path(args.plot) / f"{Path(p.path).stem}.png")
+            path = Path(p.path)
+            name = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+            plot_prediction(bundle, p, Path(args.plot) / f"{name}.png")
         if args.json:
             print(json.dumps(p.__dict__))
         else:
@@ -202,6 +216,16 @@ def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
 
 
 TOOL_SETUP = {"quantize": _setup_quantize}
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return n
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -327,7 +351,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     a = sub.add_parser("audit-data", help="list the clips most likely mislabelled or broken")
     a.add_argument("--model", default="default", metavar="M")
     a.add_argument("--data", required=True, type=Path, metavar="DIR")
-    a.add_argument("--top", type=int, default=30)
+    a.add_argument("--top", type=_positive, default=30, metavar="N",
+                   help="how many clips to list (default 30)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit_data)
     return p
@@ -358,6 +383,12 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
         rc = 130
     except BrokenPipeError:  # e.g. `streamkws listen | head`
         rc = 0
+    except OSError as exc:  # after BrokenPipeError, one of them
+        # The file system said no (a full disk, a read-only folder): a user's problem to
+        # fix, so one line naming the file, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"streamkws {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        rc = EXIT_USER_ERROR
     if leave_at_once and args.command == "run":
         _leave(rc)
     return rc

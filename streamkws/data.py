@@ -288,4 +288,7 @@ def load_noise(folder: str | Path | None) -> list[np.ndarray]:
                 continue
             if len(x) >= CLIP_SAMPLES:
                 out.append(x)
+    if not out:
+        log.warning("%s: no noise recording of 1 s or more (WAV, FLAC, ...); training and "
+                    "streams go without noise", folder)
     return out

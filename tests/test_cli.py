@@ -35,3 +35,62 @@ def test_the_entry_point_runs_as_a_module():
                        text=True, timeout=60)
     assert r.returncode == 0 and "devices" in r.stdout
 
+
+
+# -- where results go -------------------------------------------------------------------------
+
+def test_no_tool_writes_its_result_over_its_own_input(tmp_path, capsys):
+    import shutil
+
+    from streamkws.bundle import load_bundle
+
+    model = tmp_path / "m.skw"
+    shutil.copy(load_bundle("default-float").path, model)
+    before = model.read_bytes()
+    for argv in (["export", "--model", str(model), "--format", "onnx", "--out", str(model)],
+                 ["prune", "--model", str(model), "--sparsity", "0.5", "--out", str(model)],
+                 ["quantize", "--model", str(model), "--mode", "dynamic", "--out", str(model)],
+                 ["ensemble", "--model", str(model), "--warp", "0.1:3", "--out", str(model)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "would overwrite an input" in err, argv
+    assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize("out", ["folder", "/proc/no/such.skw"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, out):
+    (tmp_path / "folder").mkdir()
+    target = str(tmp_path / out) if out == "folder" else out
+    for argv in (["quantize", "--model", "default-float", "--mode", "dynamic", "--out", target],
+                 ["prune", "--model", "default-float", "--sparsity", "0.5", "--out", target],
+                 ["train", "--data", str(tmp_path), "--out", target]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--out" in err and "Traceback" not in err, argv
+
+
+def test_predict_gives_every_clip_its_own_picture_even_when_names_repeat(tmp_path, speech_dir):
+    import shutil
+
+    from tests.conftest import clip_paths
+
+    for label in ("yes", "no"):
+        (tmp_path / "clips" / label).mkdir(parents=True)
+        shutil.copy(clip_paths(speech_dir, label, 1)[0], tmp_path / "clips" / label / "a.wav")
+    assert main(["predict", str(tmp_path / "clips"), "--plot", str(tmp_path / "plots")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["no_a.png", "yes_a.png"]
+
+
+def test_an_onnx_opset_the_exporter_cannot_write_is_an_error_not_a_silent_other_one(
+        tmp_path, capsys):
+    pytest.importorskip("onnx")
+    assert main(["export", "--model", "default-float", "--format", "onnx", "--opset", "3",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--opset 3" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_audit_data_lists_at_least_one_clip(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["audit-data", "--data", str(tmp_path), "--top", "-2"])
+    assert exc.value.code == 2

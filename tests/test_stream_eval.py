@@ -225,3 +225,33 @@ def test_a_recording_without_labels_needs_negative(tmp_path, recording):
     lone.write_bytes(recording.read_bytes())
     r = streamkws("stream-eval", str(lone))
     assert r.returncode == 2 and "--negative" in r.stderr
+
+
+def test_stream_eval_refuses_to_write_over_its_inputs_or_into_the_data_set(recording, data_dir,
+                                                                          tmp_path):
+    before = recording.read_bytes()
+    r = streamkws("stream-eval", str(recording), "--target-fa-per-hour", "1",
+                  "--write-config", str(recording))
+    assert r.returncode == 2 and "--write-config" in r.stderr
+    assert recording.read_bytes() == before
+    clips = data_dir / "speech_commands_v2_real"
+    r = streamkws("stream-eval", str(clips / "yes" / "x.wav"), "--build", "--data", str(clips))
+    assert r.returncode == 2 and "would write into the --data folder" in r.stderr
+    assert not (clips / "yes" / "x.wav").exists()
+    for bad in (["--min-threshold", "1.5", "--target-fa-per-hour", "1"],
+                ["--plot", str(tmp_path / "det.xyz")]):
+        r = streamkws("stream-eval", str(recording), *bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_building_over_a_link_replaces_the_link_not_what_it_points_to(data_dir, tmp_path):
+    precious = tmp_path / "precious.wav"
+    precious.write_bytes(b"keep me")
+    link = tmp_path / "rec.wav"
+    link.symlink_to(precious)
+    r = streamkws("stream-eval", str(link), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--per-keyword", "1",
+                  "--unknown", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert precious.read_bytes() == b"keep me"
+    assert not link.is_symlink() and link.stat().st_size > 10_000

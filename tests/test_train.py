@@ -288,6 +288,18 @@ def test_a_teacher_with_other_labels_is_refused(tiny_bundle, small_data, tmp_pat
     (["--teacher", "nowhere.skw"], "nowhere.skw: no such model bundle"),
     (["--warp", "0.5"], "--warp must be within [0, 0.5)"),
     (["--warp", "-0.1"], "--warp must be within [0, 0.5)"),
+    (["--epochs", "0"], "--epochs must be within 1.."),
+    (["--batch-size", "0"], "--batch-size must be within 1.."),
+    (["--threads", "-1"], "--threads must be within 0.."),
+    (["--patience", "-1"], "--patience must be within 1.."),
+    (["--val-fraction", "1"], "--val-fraction must be within (0, 1)"),
+    (["--val-fraction", "nan"], "--val-fraction must be within (0, 1)"),
+    (["--lr", "-1"], "--lr must be within (0, 1]"),
+    (["--unknown-share", "2"], "--unknown-share must be within [0, 1)"),
+    (["--reverse-as-unknown", "1.5"], "--reverse-as-unknown must be within [0, 1]"),
+    (["--max-minutes", "-1"], "--max-minutes must be above 0"),
+    (["--passes", "3"], "--passes goes with --backbone"),
+    (["--distill-weight", "0.3"], "--distill-weight goes with --teacher"),
 ])
 def test_distillation_options_out_of_place_are_refused(capsys, small_data, tmp_path, extra,
                                                        message):

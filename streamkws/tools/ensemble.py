@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from streamkws.bundle import Bundle, load_bundle, new_bundle
 from streamkws.errors import StreamKWSError
 from streamkws.features import mel_centres_hz, warp_factors
 from streamkws.models import build_model
+from streamkws.tools.outputs import check_output
 
 MAX_WARP = 0.3
 """Widest warp ``--warp`` takes (factors 0.77-1.3, about the spread of adult vocal-tract
@@ -108,11 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
     bundles = [load_bundle(m) for m in args.model]
-    if any(b.path is not None and out.exists() and out.resolve() == b.path.resolve()
-           for b in bundles):
-        raise StreamKWSError(f"{out}: --out would overwrite a member")
+    out = check_output(args.out, inputs=tuple(b.path for b in bundles))
     warp = parse_warp(args.warp) if args.warp else None
     ens = build_ensemble(bundles, args.name or out.stem, warp)
     sha = ens.save(out)

@@ -62,6 +62,7 @@ from streamkws.bundle import Bundle, KWSModel, load_bundle
 from streamkws.errors import StreamKWSError
 from streamkws.models.quant import quiet_ao_deprecation
 from streamkws.models.registry import KWSNet
+from streamkws.tools.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,13 @@ def export_onnx(bundle: Bundle, out: Path, opset: int | None = None) -> list[str
         else:
             _export_dynamo(module, x, out, kwargs, notes)
     m = onnx.load(str(out))
+    wrote = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    if opset is not None and wrote != opset:
+        # The exporter falls back to its own opset when it cannot convert, and says so
+        # only in a logged traceback.
+        raise StreamKWSError(f"--opset {opset}: torch {torch.__version__.split('+')[0]} "
+                             f"could not export at that opset (it wrote opset {wrote}); "
+                             "leave --opset out, or ask for a version it supports")
     meta = metadata(bundle, "onnx")
     onnx.helper.set_model_props(m, {
         EXTRA_FILE: json.dumps(meta),
@@ -528,6 +536,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check_data is not None and not Path(args.check_data).is_dir():
         raise StreamKWSError(f"{args.check_data}: data folder not found")
     bundle = load_bundle(args.model)
+    check_output(args.out, inputs=(bundle.path,))
     r = export(bundle, args.format, args.out, args.check_data, args.check_clips,
                args.tolerance, args.mobile, args.opset)
     if args.json:

@@ -55,6 +55,7 @@ from streamkws.data import (
 )
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig, LogMel
+from streamkws.tools.outputs import check_output
 from streamkws.tools.train import accuracy, score
 
 log = logging.getLogger(__name__)
@@ -938,8 +939,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model)
+    out = check_output(args.out, inputs=(bundle.path,))
     result = prune_bundle(bundle, cfg)
-    out = Path(args.out)
     result.bundle.meta["name"] = out.stem
     sha = result.bundle.save(out)
     if args.json:

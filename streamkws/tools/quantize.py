@@ -51,6 +51,7 @@ from streamkws.bundle import Bundle, KWSModel, load_bundle, register_quantizatio
 from streamkws.errors import StreamKWSError
 from streamkws.models.quant import quantize_dynamic, quiet_ao_deprecation
 from streamkws.models.registry import FloatIsland, fusion_groups
+from streamkws.tools.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -588,9 +589,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src = load_bundle(args.model)
-    out = Path(args.out)
-    if out.exists() and src.path is not None and out.resolve() == src.path.resolve():
-        raise StreamKWSError(f"{out}: --out would overwrite the float model it quantizes")
+    out = check_output(args.out, inputs=(src.path,))
     if args.data is not None and not Path(args.data).is_dir():
         raise StreamKWSError(f"{args.data}: data folder not found")
     if args.calibration is not None and not Path(args.calibration).is_dir():

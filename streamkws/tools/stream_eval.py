@@ -38,6 +38,7 @@ from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import Config, DetectConfig, dumps, load_default
 from streamkws.detect import Detection, Smoother
 from streamkws.errors import StreamKWSError
+from streamkws.tools.outputs import PICTURES, check_output
 from streamkws.vad import VadGate, make_vad
 
 log = logging.getLogger(__name__)
@@ -428,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
         for d in [*args.data, *([args.noise] if args.noise else [])]:
             if not d.is_dir():
                 raise StreamKWSError(f"{d}: folder not found")
+        out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
+        for d in args.data:
+            if out.resolve().is_relative_to(d.resolve()):
+                raise StreamKWSError(f"{out}: would write into the --data folder {d}")
+        if args.per_keyword < 1 or args.unknown < 0:
+            raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
                      args.min_contrast_db)
@@ -442,6 +449,13 @@ def run(args: argparse.Namespace) -> int:
         raise StreamKWSError("--write-config goes with --target-fa-per-hour")
     if args.target_fa_per_hour is not None and args.target_fa_per_hour <= 0:
         raise StreamKWSError("--target-fa-per-hour must be positive")
+    if not 0 <= args.min_threshold <= float(THRESHOLDS[-1]):
+        raise StreamKWSError(f"--min-threshold must be within 0..{THRESHOLDS[-1]:g}")
+    if args.write_config:
+        check_output(args.write_config, "--write-config", suffixes=(".toml",),
+                     inputs=(args.audio, args.labels, args.config))
+    if args.plot:
+        check_output(args.plot, "--plot", suffixes=PICTURES)
     cfg = load_default(args.config)
     if args.model:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=args.model))

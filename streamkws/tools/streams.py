@@ -148,21 +148,29 @@ def _noise_bed(noise: list[np.ndarray], n: int, rng: np.random.Generator) -> np.
 
 
 def write_wav(path: str | Path, x: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
+    # Written beside and renamed over: a link at ``path`` is replaced, never written
+    # through (it may point at a clip of the data set itself).
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SR)
         w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
+    tmp.replace(path)
 
 
 def write_labels(path: str | Path, placed: list[Placed], keywords: set[str] | None = None) -> None:
     """CSV ``keyword,start,end`` (seconds), one row per keyword utterance."""
-    with open(path, "w", newline="") as f:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # as write_wav: replace a link, not its target
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["keyword", "start", "end"])
         for p in placed:
             if keywords is None or p.word in keywords:
                 w.writerow([p.word, f"{p.start:.3f}", f"{p.end:.3f}"])
+    tmp.replace(path)
 
 
 def read_labels(path: str | Path) -> list[Placed]:

@@ -474,7 +474,7 @@ def load_solution(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise StreamKWSError(f"{path}: cannot read the fixed-point solution ({exc})") from None
     except yaml.YAMLError as exc:
         raise StreamKWSError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
