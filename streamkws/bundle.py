@@ -294,7 +294,15 @@ def load_bundle(spec: str | Path) -> Bundle:
             f"{path}: bundle format version {obj['version']} is newer than this streamkws "
             f"understands ({VERSION}); upgrade streamkws"
         )
-    meta = json.loads(obj["meta"])
+    try:
+        meta = json.loads(obj["meta"])
+        missing = [k for k in ("arch", "arch_kwargs", "frontend", "labels") if k not in meta]
+    except (KeyError, TypeError, ValueError):
+        meta, missing = {}, ["meta"]
+    if missing or "state_dict" not in obj:
+        # A damaged or hand-edited file: say so, not which dictionary lookup failed.
+        raise StreamKWSError(f"{path}: damaged model bundle (no "
+                             f"{', '.join(missing or ['weights'])} recorded)")
     try:
         with _quiet_loading():
             model = rebuild(meta)

@@ -255,3 +255,11 @@ def test_building_over_a_link_replaces_the_link_not_what_it_points_to(data_dir, 
     assert r.returncode == 0, r.stderr
     assert precious.read_bytes() == b"keep me"
     assert not link.is_symlink() and link.stat().st_size > 10_000
+
+
+def test_labels_that_run_past_the_recording_are_refused(recording, tmp_path):
+    labels = tmp_path / "other.csv"
+    labels.write_text("keyword,start,end\nyes,1.0,1.5\nno,500.0,500.6\n")
+    r = streamkws("stream-eval", str(recording), "--labels", str(labels), "--json")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "start after the recording ends" in r.stderr and "'no' at 500.0 s" in r.stderr

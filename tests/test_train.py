@@ -141,6 +141,20 @@ def test_bundle_loading_never_unpickles_arbitrary_objects(tmp_path):
         load_bundle(p)
 
 
+def test_a_damaged_bundle_says_so_in_one_line(tiny_bundle, tmp_path):
+    import json
+
+    obj = torch.load(tiny_bundle.path, weights_only=True)
+    meta = json.loads(obj["meta"])
+    del meta["arch_kwargs"]
+    torch.save({**obj, "meta": json.dumps(meta)}, tmp_path / "no-kwargs.skw")
+    with pytest.raises(StreamKWSError, match="damaged model bundle \\(no arch_kwargs"):
+        load_bundle(tmp_path / "no-kwargs.skw")
+    torch.save({k: v for k, v in obj.items() if k != "state_dict"}, tmp_path / "no-w.skw")
+    with pytest.raises(StreamKWSError, match="damaged model bundle \\(no weights"):
+        load_bundle(tmp_path / "no-w.skw")
+
+
 def test_bundle_refuses_a_stream_with_other_front_end_settings(tiny_bundle):
     tiny_bundle.check_frontend(FrontEndConfig())
     with pytest.raises(StreamKWSError, match=r"n_mels: model 40, stream 64"):

@@ -467,6 +467,13 @@ def run(args: argparse.Namespace) -> int:
     # Calibration and the report start from the threshold the daemon would use.
     cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
     r = run_pipeline(cfg, bundle, args.audio, progress=not (args.quiet or args.json))
+    late = [u for u in truth if u.start >= r.duration]
+    if late:
+        # Most likely the labels of another recording: every such row would be a miss.
+        raise StreamKWSError(f"{args.labels or args.audio.with_suffix('.csv')}: "
+                             f"{len(late)} utterance(s) start after the recording ends "
+                             f"({r.duration:.1f} s), the first '{late[0].keyword}' at "
+                             f"{late[0].start:.1f} s")
     kws = keywords_of(r, cfg.detect)
     unknown = sorted({u.keyword for u in truth} - set(kws))
     if unknown:
