@@ -275,6 +275,8 @@ class Daemon:
                 for sig, act in actions.items()}
 
     def _restore_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python allows it only there; a daemon run on a thread keeps them
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}

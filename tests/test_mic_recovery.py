@@ -423,6 +423,7 @@ class DaemonThread:
                      publish=PublishConfig(endpoint=f"ipc://{tmp_path}/pub.sock",
                                            status_interval_s=0.2)).validate()
         self.daemon = Daemon(cfg, echo=None)
+        self.daemon._restore_signals()  # it runs on a thread: signals stay with pytest
         self.messages: list[tuple[str, dict, float]] = []
         publish = self.daemon.publisher.publish
 
