@@ -207,6 +207,15 @@ def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
 
     def run(args: argparse.Namespace) -> int:
         if args.sweep:
+            # The sweep simulates fixed point itself: quantizer options would do nothing.
+            given = [f"--{name.replace('_', '-')}" for name in
+                     ("mode", "calibration", "engine", "dynamic", "static", "skip", "out")
+                     if getattr(args, name, None) not in (None, p.get_default(name))]
+            if given:
+                raise StreamKWSError(f"{', '.join(given)} do(es) not apply to --sweep, which "
+                                     "writes a solution (--out-solution), not a bundle")
+            if args.calib_clips < 1:
+                raise StreamKWSError(f"--calib-clips must be 1 or more (got {args.calib_clips})")
             return sweep.run_sweep(args)
         if not args.out:
             raise StreamKWSError("--out is required (the quantized bundle to write)")

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,7 @@ def listen(
             sub.connect(connect)
         except zmq.ZMQError as exc:
             raise StreamKWSError(f"cannot connect to {connect}: {exc}") from None
+        _warn_if_unresolvable(connect)
         return _loop(sub, monitor, connect, out, count, timeout)
     except KeyboardInterrupt:
         return 0
@@ -192,6 +194,18 @@ def _format(frames: list[bytes]) -> str | None:
 
 def _not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _warn_if_unresolvable(connect: str) -> None:
+    """ZeroMQ retries a host name it cannot resolve forever, with no event to report."""
+    if not connect.startswith("tcp://"):
+        return
+    host = connect[len("tcp://"):].rpartition(":")[0].split(";")[-1].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        log.warning("%s: cannot resolve host %r; still trying (ZeroMQ retries quietly)",
+                    connect, host)
 
 
 def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int]) -> None:

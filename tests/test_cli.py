@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from streamkws.cli import main
@@ -94,3 +95,33 @@ def test_audit_data_lists_at_least_one_clip(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["audit-data", "--data", str(tmp_path), "--top", "-2"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--sweep", "--data", ".", "--mode", "static"], "--mode do(es) not apply"),
+    (["quantize", "--sweep", "--data", ".", "--calib-clips", "0"], "--calib-clips must be"),
+    (["prune", "--margin", "0.1", "--out", "x.skw"], "--margin applies to --method structured"),
+    (["prune", "--method", "structured", "--sparsity", "0.3", "--out", "x.skw"],
+     "--sparsity applies to --method magnitude"),
+])
+def test_an_option_the_chosen_method_ignores_is_refused_not_dropped(argv, message, capsys,
+                                                                    tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.skw").exists()
+
+
+def test_predict_says_a_file_without_audio_has_none(tmp_path, capsys):
+    from tests.conftest import write_wav
+
+    write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
+    assert main(["predict", str(tmp_path / "empty.wav")]) == 2
+    assert "holds no audio" in capsys.readouterr().err
+
+
+def test_listen_warns_when_the_publishers_host_cannot_be_resolved(caplog):
+    from streamkws.listen import listen
+
+    assert listen("tcp://nohost.invalid:5556", [], None, None, timeout=0.2) == 0
+    assert "cannot resolve host 'nohost.invalid'" in caplog.text

@@ -56,7 +56,11 @@ def predict_files(bundle: Bundle, paths: list[Path]) -> tuple[list[Prediction], 
     out, errors = [], []
     for p in paths:
         try:
-            crop, start = centre_on_speech(load_audio(p))
+            audio = load_audio(p)
+            if len(audio) == 0:
+                # Padding would make it a confident _silence_: say there was nothing.
+                raise AudioError(f"{p}: holds no audio (0 samples)")
+            crop, start = centre_on_speech(audio)
         except AudioError as exc:
             errors.append(str(exc))
             continue
