@@ -94,8 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr = args.lr if args.lr is not None else 3e-4
         bundle = qat_finetune(load_bundle(args.init), load_solution(args.quant_solution),
                               cfg.data, cfg.epochs, out=cfg.out, lr=lr, config=cfg)
+        # The keys of a plain run's report where they mean the same, then what is QAT's own.
+        metrics = bundle.meta.get("metrics", {})
         print(json.dumps({"model": str(cfg.out), "sha256": bundle.sha256,
-                          "metrics": bundle.meta.get("metrics", {})}))
+                          "arch": bundle.meta["arch"], "parameters": bundle.meta["parameters"],
+                          "validation": metrics.get("validation"),
+                          "validation_fixed_point": metrics.get("validation_fixed_point"),
+                          "epochs_run": bundle.meta.get("fine_tuning", {}).get("epochs_run")}))
         return 0
     bundle = train(cfg)
     print(json.dumps(describe(bundle)))

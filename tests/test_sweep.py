@@ -228,7 +228,7 @@ def test_gradients_pass_the_rounding_only_with_the_straight_through_estimator(ti
 
 
 def test_qat_for_one_epoch_saves_a_bundle_carrying_the_solution(tiny_bundle, small_data,
-                                                                swept, tmp_path):
+                                                                swept, tmp_path, capsys):
     from streamkws.tools.train import TrainConfig
 
     sol = swept[1]["solution"]
@@ -251,6 +251,20 @@ def test_qat_for_one_epoch_saves_a_bundle_carrying_the_solution(tiny_bundle, sma
         max(h["val_accuracy_fixed_point"] for h in ft["history"]), abs=1e-4)
     assert loaded.meta["name"] == "tiny-qat"
     assert np.allclose(loaded.predict(_x().numpy()), b.predict(_x().numpy()), atol=1e-6)
+    # The command line reports it with the keys a plain training run uses.
+    from streamkws.cli import main
+    from streamkws.tools.sweep import save_solution
+
+    save_solution(sol, tmp_path / "sol.yaml")
+    capsys.readouterr()
+    assert main(["train", "--data", str(small_data), "--init", str(tiny_bundle.path),
+                 "--quant-solution", str(tmp_path / "sol.yaml"), "--epochs", "1",
+                 "--batch-size", "32", "--val-fraction", "0.3", "--threads", "1", "--quiet",
+                 "--out", str(tmp_path / "cli-qat.skw")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"model", "sha256", "arch", "parameters", "validation"} <= set(report)
+    assert report["validation_fixed_point"]["accuracy"] == pytest.approx(
+        load_bundle(tmp_path / "cli-qat.skw").meta["fixed_point"]["accuracy"], abs=1e-4)
     # evaluate picks the solution up from the bundle itself.
     m = evaluate_with_solution(loaded, small_data)
     assert m["fixed_point"]["act_bits"] == sol["act_bits"] and m["n"] == 96
