@@ -125,3 +125,21 @@ def test_listen_warns_when_the_publishers_host_cannot_be_resolved(caplog):
 
     assert listen("tcp://nohost.invalid:5556", [], None, None, timeout=0.2) == 0
     assert "cannot resolve host 'nohost.invalid'" in caplog.text
+
+
+def test_a_class_with_nothing_to_measure_has_no_recall_rather_than_zero():
+    from streamkws.tools.evaluate import format_report, metrics_from_predictions
+
+    labels = ["yes", "no", "_unknown_"]
+    y = np.array([0, 0, 0, 2, 2])
+    pred = np.array([0, 0, 2, 2, 0])
+    m = metrics_from_predictions(y, pred, labels)
+    assert m["per_class"]["no"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert m["per_class"]["yes"]["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["per_class"]["yes"]["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["per_class"]["_unknown_"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5,
+                                           "support": 2}
+    assert m["accuracy"] == pytest.approx(0.6)
+    row = next(line for line in format_report(m).splitlines() if line.startswith("no "))
+    assert row.split() == ["no", "-", "-", "-", "0"]
+    json.dumps(m, allow_nan=False)

@@ -24,11 +24,14 @@ def metrics_from_predictions(y: np.ndarray, pred: np.ndarray, labels: list[str])
         tp = int(conf[i, i])
         support = int(conf[i].sum())
         predicted = int(conf[:, i].sum())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4),
-                            "f1": round(f1, 4), "support": support}
+        # None where there is nothing to measure on (no clip of the class, nothing predicted
+        # as it): 0.0 would read as a class the model never gets right.
+        precision = tp / predicted if predicted else None
+        recall = tp / support if support else None
+        f1 = (2 * precision * recall / (precision + recall) if precision + recall else 0.0) \
+            if precision is not None and recall is not None else None
+        per_class[label] = {"precision": _r4(precision), "recall": _r4(recall), "f1": _r4(f1),
+                            "support": support}
     n = int(len(y))
     return {
         "accuracy": round(float((y == pred).mean()) if n else 0.0, 4),
@@ -37,6 +40,14 @@ def metrics_from_predictions(y: np.ndarray, pred: np.ndarray, labels: list[str])
         "per_class": per_class,
         "confusion": conf.tolist(),
     }
+
+
+def _r4(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _cell(x: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.3f}"
 
 
 def predict_clips(bundle: Bundle, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -68,8 +79,8 @@ def format_report(m: dict) -> str:
              f"{'label':<11} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     for label in labels:
         c = m["per_class"][label]
-        lines.append(f"{label:<11} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>7.3f} "
-                     f"{c['support']:>8d}")
+        lines.append(f"{label:<11} {_cell(c['precision'], 9)} {_cell(c['recall'], 7)} "
+                     f"{_cell(c['f1'], 7)} {c['support']:>8d}")
     short = [lb.strip("_")[:5] for lb in labels]
     lines += ["", "confusion (rows: true, columns: predicted)",
               " " * 7 + "".join(f"{s:>6}" for s in short)]
