@@ -140,6 +140,15 @@ def test_a_class_with_nothing_to_measure_has_no_recall_rather_than_zero():
     assert m["per_class"]["_unknown_"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5,
                                            "support": 2}
     assert m["accuracy"] == pytest.approx(0.6)
+    # Never predicted though it has clips: no precision, but recall and F1 are 0.
+    never = metrics_from_predictions(np.array([0, 0, 1, 1]), np.array([1, 1, 1, 1]), labels)
+    assert never["per_class"]["yes"] == {"precision": None, "recall": 0.0, "f1": 0.0,
+                                         "support": 2}
+    assert never["per_class"]["no"]["precision"] == 0.5
+    # Predicted though it has no clips: precision and F1 are 0.
+    wrong = metrics_from_predictions(np.array([0, 0]), np.array([1, 0]), labels)
+    assert wrong["per_class"]["no"] == {"precision": 0.0, "recall": None, "f1": 0.0,
+                                        "support": 0}
     row = next(line for line in format_report(m).splitlines() if line.startswith("no "))
     assert row.split() == ["no", "-", "-", "-", "0"]
     json.dumps(m, allow_nan=False)

@@ -28,8 +28,8 @@ def metrics_from_predictions(y: np.ndarray, pred: np.ndarray, labels: list[str])
         # as it): 0.0 would read as a class the model never gets right.
         precision = tp / predicted if predicted else None
         recall = tp / support if support else None
-        f1 = (2 * precision * recall / (precision + recall) if precision + recall else 0.0) \
-            if precision is not None and recall is not None else None
+        # 2TP / (2TP + FP + FN): 0 for a class always missed or only ever wrongly predicted.
+        f1 = 2 * tp / (support + predicted) if support + predicted else None
         per_class[label] = {"precision": _r4(precision), "recall": _r4(recall), "f1": _r4(f1),
                             "support": support}
     n = int(len(y))
