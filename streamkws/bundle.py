@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -99,6 +100,13 @@ class Bundle:
         """
         t = self.meta.get("training", {})
         return t.get("split_seed", t.get("seed"))
+
+    @property
+    def validation_fraction(self) -> float | None:
+        """The share of speakers held out for its validation (None: not trained here)."""
+        split = self.meta.get("training", {}).get("split", "")
+        m = re.search(r"(\d+(?:\.\d+)?)% of speakers held out", split)
+        return float(m.group(1)) / 100 if m else None
 
     @property
     def speaker_split(self) -> dict:

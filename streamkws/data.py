@@ -87,7 +87,8 @@ class Dataset:
 def speaker_of(path: Path) -> str:
     stem = path.stem
     if "_nohash_" in stem:
-        return stem.split("_nohash_")[0].rsplit("_", 1)[-1]
+        # Lower case: a copy that renamed some files must not split one person in two.
+        return stem.split("_nohash_")[0].rsplit("_", 1)[-1].lower()
     return f"{path.parent.name}-{stem}"  # no speaker recorded: each clip its own speaker
 
 

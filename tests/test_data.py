@@ -19,6 +19,7 @@ from tests.conftest import write_wav
 def test_speaker_is_the_token_before_nohash(tmp_path):
     assert speaker_of(tmp_path / "yes" / "0c540988_nohash_1.wav") == "0c540988"
     assert speaker_of(tmp_path / "_unknown_" / "bed_0c540988_nohash_0.wav") == "0c540988"
+    assert speaker_of(tmp_path / "_unknown_" / "bed_0C540988_nohash_0.wav") == "0c540988"
 
 
 def test_labelled_folders_read_with_silence_and_unknown(speech_dir):

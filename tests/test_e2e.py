@@ -42,7 +42,7 @@ def replay(request, data_dir, tmp_path_factory):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     sub.audio_seconds = os.path.getsize(wav) / 32000 - 44 / 32000  # 16-bit mono PCM
-    return sub, truth, score(sub.detections(), truth)
+    return sub, truth, score(sub.detections(), truth, duration_s=sub.audio_seconds)
 
 
 # The bundled models, each replayed once. The criteria below are what the issue asks; a

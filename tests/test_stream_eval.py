@@ -107,6 +107,17 @@ def test_scoring_counts_hits_duplicates_substitutions_and_false_alarms():
     assert s["per_keyword"]["up"]["false_alarms"] == 1
     assert s["per_keyword"]["no"]["recall"] == 0.0
     assert [m["keyword"] for m in o["missed"]] == ["no"]
+    assert s["per_keyword"]["yes"]["duplicates"] == 1 and s["per_keyword"]["no"]["duplicates"] == 0
+
+
+def test_the_order_of_detections_cannot_change_which_utterances_are_hit():
+    """Two close utterances of one word: a detection spanning both must take the one not
+    yet hit, whichever detection comes first."""
+    truth = [se.Utterance("yes", 10.0, 11.0), se.Utterance("yes", 11.5, 12.5)]
+    short, wide = det("yes", 10.2, 10.8, 11.0), det("yes", 10.5, 12.0, 12.6)
+    for order in ([short, wide], [wide, short]):
+        o = se.score(order, truth, ["yes"], duration_s=60.0)["overall"]
+        assert (o["hits"], o["duplicates"], o["false_alarms"]) == (2, 0, 0), order
 
 
 def test_published_detections_score_as_the_pipeline_detections_do():
@@ -263,3 +274,17 @@ def test_labels_that_run_past_the_recording_are_refused(recording, tmp_path):
     r = streamkws("stream-eval", str(recording), "--labels", str(labels), "--json")
     assert r.returncode == 2 and r.stdout == ""
     assert "start after the recording ends" in r.stderr and "'no' at 500.0 s" in r.stderr
+
+
+def test_calibration_refuses_a_model_validated_on_another_speaker_split(tiny_bundle,
+                                                                       data_dir):
+    """tiny_bundle holds out 30 % of speakers: the held-out streams (15 %, split seed 0)
+    would then contain speakers it trained on."""
+    from streamkws.errors import StreamKWSError
+    from streamkws.tools.calibration import stream_tradeoff
+    from streamkws.tools.streams import heldout_split_problem
+
+    assert heldout_split_problem(load_bundle("default")) is None
+    assert heldout_split_problem(load_bundle("accurate")) is None
+    with pytest.raises(StreamKWSError, match="validated on 30% with split seed 0"):
+        stream_tradeoff(tiny_bundle, data_dir)

@@ -30,11 +30,12 @@ def poisson_upper(k: int, confidence: float = FA_CONFIDENCE) -> float:
     """The one-sided upper confidence limit of a Poisson mean after ``k`` events: the mean
     under which ``k`` or fewer events would have had probability ``1 - confidence``."""
     def at_most_k(mean: float) -> float:
-        term = total = math.exp(-mean)
-        for i in range(1, k + 1):
-            term *= mean / i
-            total += term
-        return total
+        # Summed in logs: exp(-mean) alone underflows to 0 beyond a mean of ~745.
+        if mean <= 0:
+            return 1.0
+        logs = [i * math.log(mean) - mean - math.lgamma(i + 1) for i in range(k + 1)]
+        top = max(logs)
+        return math.exp(top) * math.fsum(math.exp(v - top) for v in logs)
 
     lo, hi = 0.0, k + 10.0 * math.sqrt(k + 1) + 10.0
     for _ in range(100):
@@ -77,8 +78,11 @@ def stream_tradeoff(bundle: Bundle, data: Path, seeds: tuple[int, ...] = CALIBRA
 
     from streamkws.config import Config
     from streamkws.tools.stream_eval import Utterance, pool, run_pipeline, sweep
-    from streamkws.tools.streams import heldout_stream
+    from streamkws.tools.streams import heldout_split_problem, heldout_stream
 
+    problem = heldout_split_problem(bundle)
+    if problem:
+        raise StreamKWSError(f"cannot calibrate on held-out streams: {problem}")
     cfg = Config().validate()
     streams = []
     with tempfile.TemporaryDirectory() as tmp:

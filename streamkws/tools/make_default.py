@@ -39,10 +39,8 @@ def latency_ms(bundle: Bundle, runs: int = 300) -> tuple[float, float]:
 
 
 def validation_metrics(bundle: Bundle, data: Path) -> dict:
-    t = bundle.meta["training"]
-    frac = float(t["split"].split("%")[0].split()[-1]) / 100
     _, val = speaker_split(load_dataset(data / "speech_commands_v2_real", bundle.labels),
-                           frac, bundle.split_seed)
+                           bundle.validation_fraction, bundle.split_seed)
     x, val = ClipCache().load_all(val)
     probs = predict_clips(bundle, x)
     return metrics_from_predictions(val.targets(), probs.argmax(1), bundle.labels)

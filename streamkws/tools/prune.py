@@ -89,7 +89,8 @@ class PruneConfig:
     """structured: channel ranking (see :func:`channel_scores`)."""
     data: Path | None = None
     noise: Path | None = None
-    val_fraction: float = 0.15
+    val_fraction: float | None = None
+    """Share of speakers held out; None: the model's own (as it was trained)."""
     seed: int = 0
     finetune: int = 0
     lr: float = 1e-3
@@ -119,7 +120,7 @@ class PruneConfig:
                                  f"(got {self.criterion!r})")
         if self.finetune < 0:
             raise StreamKWSError(f"--finetune must be >= 0 epochs (got {self.finetune})")
-        if not 0.0 < self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise StreamKWSError(f"--val-fraction must be in (0, 1) (got {self.val_fraction})")
         if self.method == "structured" and self.data is None:
             raise StreamKWSError("structured pruning needs --data DIR: the accuracy margin is "
@@ -176,7 +177,14 @@ def split_data(data: str | Path, labels: list[str], val_fraction: float = 0.15,
 def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -> PruneData:
     """Load the validation side, and ``train_clips`` clips of the training side (None: all)."""
     assert cfg.data is not None
-    train_ds, val_ds = split_data(cfg.data, bundle.labels, cfg.val_fraction, cfg.seed)
+    # The model's own split, so that no clip it trained on decides or measures anything.
+    split_seed = bundle.split_seed if bundle.split_seed is not None else cfg.seed
+    fraction = cfg.val_fraction or bundle.validation_fraction or 0.15
+    if bundle.validation_fraction is not None and fraction != bundle.validation_fraction:
+        log.warning("--val-fraction %g is not the %g the model was validated with: some "
+                    "validation speakers here are ones it trained on", fraction,
+                    bundle.validation_fraction)
+    train_ds, val_ds = split_data(cfg.data, bundle.labels, fraction, split_seed)
     if train_clips is not None and len(train_ds) > train_clips:
         # A fixed, class-mixed subset: calibration needs typical activations, not all clips.
         pick = np.random.default_rng(cfg.seed).choice(len(train_ds), train_clips, replace=False)
@@ -194,7 +202,7 @@ def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -
         noise = load_noise(Path(cfg.data) / "_background_noise_")
     summary = {
         "data": str(cfg.data),
-        "split": f"by speaker, {cfg.val_fraction:.0%} of speakers held out (seed {cfg.seed})",
+        "split": f"by speaker, {fraction:.0%} of speakers held out (seed {split_seed})",
         "validation_clips": len(val_ds),
         "validation_speakers": len(val_ds.speakers()),
         "train_clips": len(train_ds),
@@ -909,15 +917,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, metavar="DIR",
                    help="labelled clips: the held-out speakers decide (structured) and "
                         "measure accuracy, the others are for fine-tuning")
-    p.add_argument("--val-fraction", type=float, default=0.15, metavar="F",
-                   help="share of --data speakers held out (default 0.15, as train)")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="share of --data speakers held out (default: the model's own, as "
+                        "recorded in its bundle)")
     p.add_argument("--noise", type=Path, metavar="DIR",
                    help="background noise for fine-tuning augmentation")
     p.add_argument("--finetune", type=int, default=0, metavar="N",
                    help="fine-tune N epochs after pruning (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--seed", type=int, default=0,
-                   help="split and fine-tuning seed (use the model's training seed)")
+                   help="fine-tuning seed (the speaker split is always the model's own, "
+                        "from its bundle's split seed)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--out", required=True, metavar="M2", help="bundle file to write")

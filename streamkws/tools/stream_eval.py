@@ -39,6 +39,7 @@ from streamkws.config import Config, DetectConfig, dumps, load_default
 from streamkws.detect import Detection, Smoother
 from streamkws.errors import StreamKWSError
 from streamkws.tools.outputs import PICTURES, check_output
+from streamkws.tools.streams import HELDOUT_SPLIT
 from streamkws.vad import VadGate, make_vad
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def score(detections: Sequence[Detection], truth: Sequence[Utterance], keywords:
               [(u.keyword, u.start, u.end) for u in kw_truth])
     hit_by = {i: detections[j] for i, j in m.hits.items()}
     false = [detections[j] for j in m.false]
+    dups = [detections[j] for j in m.duplicates]
     keyword_s = sum(u.end - u.start for u in kw_truth)
     hours = max(duration_s - keyword_s, 1e-9) / 3600.0
 
@@ -190,8 +192,9 @@ def score(detections: Sequence[Detection], truth: Sequence[Utterance], keywords:
     per_keyword = {}
     for kw in keywords:
         utts = [i for i, u in enumerate(kw_truth) if u.keyword == kw]
-        per_keyword[kw] = summary(utts, [d for d in false if d.keyword == kw], 0)
-    overall = summary(list(range(len(kw_truth))), false, m.duplicates)
+        per_keyword[kw] = summary(utts, [d for d in false if d.keyword == kw],
+                                  sum(d.keyword == kw for d in dups))
+    overall = summary(list(range(len(kw_truth))), false, len(dups))
     overall["missed"] = [dataclasses.asdict(kw_truth[i]) for i in range(len(kw_truth))
                          if i not in hit_by]
     overall["false"] = [_detection_dict(d) for d in false]
@@ -327,7 +330,7 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
     if speakers == "heldout":
         # The validation speakers of `streamkws train` with its default split (and of the
         # bundled models): words no such model has trained on.
-        ds = speaker_split(ds, 0.15, 0)[1]
+        ds = speaker_split(ds, *HELDOUT_SPLIT)[1]
     rng = np.random.default_rng(seed)
     keywords = sorted({it.label for it in ds.items} - {SILENCE, UNKNOWN})
 

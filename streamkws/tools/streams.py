@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from streamkws.audio.wav import load_audio
+from streamkws.bundle import Bundle
 from streamkws.data import KEYWORDS, load_dataset, load_noise, speaker_split
 
 SR = 16000
@@ -179,11 +180,28 @@ def read_labels(path: str | Path) -> list[Placed]:
     return [Placed(r["keyword"], float(r["start"]), float(r["end"]), "") for r in rows]
 
 
+HELDOUT_SPLIT = (0.15, 0)
+"""Validation fraction and split seed of ``train``'s default split, which the bundled models
+were trained with: held-out streams are built from its validation speakers."""
+
+
+def heldout_split_problem(bundle: Bundle) -> str | None:
+    """Why held-out streams would hold speakers ``bundle`` trained on, or None."""
+    frac, seed = HELDOUT_SPLIT
+    theirs = bundle.validation_fraction, bundle.split_seed
+    if (theirs[0] is not None and abs(theirs[0] - frac) > 1e-9) or \
+            (theirs[1] is not None and theirs[1] != seed):
+        return (f"held-out streams come from the validation speakers of the default split "
+                f"({frac:.0%}, split seed {seed}); {bundle.name} was validated on "
+                f"{theirs[0]:.0%} with split seed {theirs[1]}, so it trained on some of them")
+    return None
+
+
 def heldout_stream(data_dir: Path, out: Path, n_per_keyword: int = 3, n_unknown: int = 40,
                    seed: int = 0) -> tuple[Path, list[Placed]]:
     """Keywords at known times from speakers the default model never trained on (its
     validation split), shuffled with other words, over the real noise recordings."""
-    _, val = speaker_split(load_dataset(data_dir / "speech_commands_v2_real"), 0.15, 0)
+    _, val = speaker_split(load_dataset(data_dir / "speech_commands_v2_real"), *HELDOUT_SPLIT)
     rng = np.random.default_rng(seed)
     clips = []
     for kw in KEYWORDS:
@@ -207,42 +225,53 @@ Span = tuple[str, float, float]
 @dataclass
 class Matches:
     hits: dict[int, int]
-    """Utterance index -> index of the first detection that hit it."""
-    duplicates: int
-    """Further detections of an utterance already hit."""
+    """Utterance index -> index of the detection matched to it (normally its first)."""
+    duplicates: list[int]
+    """Indices of further detections of utterances already hit."""
     false: list[int]
     """Indices of detections that hit no utterance."""
 
 
 def match(detections: list[Span], utterances: list[Span]) -> Matches:
-    """The one matching rule of every stream score: a detection hits an utterance of the
-    same word whose span it overlaps (the first such, in order); a detection that hits none
-    is a false one, and a second hit on one utterance is a duplicate, not a false one."""
+    """The one matching rule of every stream score: a detection can hit an utterance of the
+    same word whose span it overlaps, each utterance is hit at most once, and as many
+    utterances are hit as such pairs allow (a maximum matching, so the order of detections
+    cannot decide recall). A detection that overlaps none is a false one; one that overlaps
+    only utterances hit by others is a duplicate, not a false one."""
+    overlaps = [[i for i, (w, start, end) in enumerate(utterances)
+                 if w == word and t0 < end and t1 > start]
+                for word, t0, t1 in detections]
     hits: dict[int, int] = {}
-    duplicates = 0
-    false = []
-    for j, (word, t0, t1) in enumerate(detections):
-        found = next((i for i, (w, start, end) in enumerate(utterances)
-                      if w == word and t0 < end and t1 > start), None)
-        if found is None:
-            false.append(j)
-        elif found in hits:
-            duplicates += 1
-        else:
-            hits[found] = j
+
+    def place(j: int, seen: set[int]) -> bool:  # Kuhn's augmenting path
+        for i in overlaps[j]:
+            if i not in seen:
+                seen.add(i)
+                if i not in hits or place(hits[i], seen):
+                    hits[i] = j
+                    return True
+        return False
+
+    for j in range(len(detections)):
+        place(j, set())
+    placed = set(hits.values())
+    duplicates = [j for j in range(len(detections)) if overlaps[j] and j not in placed]
+    false = [j for j in range(len(detections)) if not overlaps[j]]
     return Matches(hits, duplicates, false)
 
 
-def score(detections: list[dict], truth: list[Placed], keywords=KEYWORDS) -> dict:
+def score(detections: list[dict], truth: list[Placed], keywords=KEYWORDS,
+          duration_s: float | None = None) -> dict:
     """Published detections (seconds, as subscribers receive them) against a stream's
-    placed words, by :func:`match`."""
+    placed words, by :func:`match`. ``duration_s``: the recording's length (default: one
+    second past its last word, which undercounts a longer tail of noise)."""
     kw_truth = [p for p in truth if p.word in keywords]
     m = match([(d["keyword"], d["t_start"], d["t_end"]) for d in detections],
               [(p.word, p.start, p.end) for p in kw_truth])
-    total = truth[-1].end + 1.0
+    total = duration_s if duration_s is not None else (truth[-1].end + 1.0 if truth else 0.0)
     keyword_seconds = sum(p.end - p.start for p in kw_truth)
     return {"utterances": len(kw_truth), "hits": len(m.hits),
-            "recall": len(m.hits) / len(kw_truth),
-            "false": [detections[j] for j in m.false], "duplicates": m.duplicates,
+            "recall": len(m.hits) / len(kw_truth) if kw_truth else None,
+            "false": [detections[j] for j in m.false], "duplicates": len(m.duplicates),
             "non_keyword_minutes": (total - keyword_seconds) / 60.0,
             "missed": [p for i, p in enumerate(kw_truth) if i not in m.hits]}
