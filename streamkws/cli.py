@@ -25,6 +25,9 @@ from streamkws.errors import EXIT_USER_ERROR, StreamKWSError
 
 log = logging.getLogger("streamkws")
 
+_EARLY_STOP = threading.Event()
+"""Set by SIGTERM/SIGINT before the daemon has installed its own handlers."""
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from streamkws.config import load_default
@@ -39,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = apply_overrides(load_default(args.config), overrides)
     daemon = Daemon(cfg, config_path=args.config, overrides=overrides,
                     echo=None if args.quiet else sys.stdout,
-                    wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout)
+                    wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
+                    stop_requested=_EARLY_STOP)
     return daemon.run()
 
 
@@ -53,8 +57,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from streamkws.audio.mic import list_input_devices
 
     devices = list_input_devices()
-    if args.json:
-        print(json.dumps([d.__dict__ for d in devices]))
+    if args.json:  # one object, as every --json (the contract): the list under a key
+        print(json.dumps({"devices": [d.__dict__ for d in devices]}))
         return 0
     if not devices:
         print("no audio input devices found (PortAudio sees none: check that a sound card, "
@@ -150,10 +154,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             path = Path(p.path)
             name = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
             plot_prediction(bundle, p, Path(args.plot) / f"{name}.png")
-        if args.json:
-            print(json.dumps(p.__dict__))
-        else:
+        if not args.json:
             print(f"{p.path}\t{p.label}\t{p.confidence:.3f}")
+    if args.json:
+        print(json.dumps({"model": bundle.name, "model_sha256": bundle.sha256,
+                          "predictions": [p.__dict__ for p in preds], "errors": errors}))
     for e in errors:
         print(f"streamkws predict: error: {e}", file=sys.stderr)
     return EXIT_USER_ERROR if errors else 0
@@ -283,7 +288,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             TOOL_SETUP.get(name, _setup_tool)(tp, importlib.import_module(module))
 
     d = sub.add_parser("devices", help="list audio input devices")
-    d.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    d.add_argument("--json", action="store_true",
+                   help='one JSON object on stdout: {"devices": [...]}')
     d.set_defaults(func=cmd_devices)
 
     t = sub.add_parser("train", help="train a model bundle on labelled clips")
@@ -358,7 +364,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="label and confidence per audio file")
     pr.add_argument("files", nargs="+", metavar="FILE|DIR")
     pr.add_argument("--model", default="default", metavar="M")
-    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--json", action="store_true",
+                    help='one JSON object on stdout: {"predictions": [...], "errors": [...]}')
     pr.add_argument("--plot", metavar="DIR", help="write each file's log-Mel picture here")
     pr.set_defaults(func=cmd_predict)
 
@@ -384,10 +391,14 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     if args.command == "run" and threading.current_thread() is threading.main_thread():
-        # Until the daemon takes SIGHUP over (before loading its model), a reload request
-        # (`systemctl reload` during start-up) must not kill it: the config it is about to
-        # read is the newest anyway.
+        # Until the daemon takes the signals over (importing torch takes a while): a reload
+        # request (`systemctl reload` during start-up) must not kill it, the config it is
+        # about to read being the newest anyway; a stop request is remembered, so that it
+        # still ends with a final status.
+        _EARLY_STOP.clear()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: _EARLY_STOP.set())
     try:
         rc = func(args)
     except StreamKWSError as exc:

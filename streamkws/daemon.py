@@ -213,6 +213,7 @@ class Daemon:
         echo: TextIO | None = sys.stdout,
         wait_subscribers: int = 0,
         wait_timeout: float = 30.0,
+        stop_requested: threading.Event | None = None,
     ) -> None:
         from streamkws.publish import Publisher
         from streamkws.sdnotify import Notifier
@@ -222,6 +223,8 @@ class Daemon:
         # Before the slow part (loading the model): systemd may send SIGHUP or SIGTERM as
         # soon as the process exists, and their default actions would kill it outright.
         self._previous_handlers = self._install_signals()
+        if stop_requested is not None and stop_requested.is_set():  # before we listened
+            self._stop.set()
         try:
             self.cfg = cfg
             self.config_path = config_path

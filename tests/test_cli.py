@@ -18,7 +18,7 @@ def test_devices_lists_the_pulseaudio_capture_device(pulse_server, capsys):
     out = capsys.readouterr().out
     assert "pulse" in out and "index" in out
     assert main(["devices", "--json"]) == 0
-    devices = json.loads(capsys.readouterr().out)
+    devices = json.loads(capsys.readouterr().out)["devices"]
     pulse = [d for d in devices if d["name"] == "pulse"]
     assert pulse and pulse[0]["channels"] >= 1 and pulse[0]["default_samplerate"] > 0
 

@@ -343,3 +343,17 @@ def test_a_wait_timeout_that_is_not_a_duration_is_one_line(value, capsys):
                  f"--wait-timeout={value}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--wait-timeout must be 0-86400" in err
+
+
+def test_sigterm_during_start_up_is_a_clean_stop_not_a_kill(tmp_path):
+    """Before the daemon's handlers exist (torch still importing), SIGTERM is remembered:
+    the daemon then stops as it would later (exit 0, STOPPING=1), without starting audio.
+    (Its final status goes out too, before a subscriber could have connected.)"""
+    proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime")
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "listening on" not in err
+    assert any("STOPPING=1" in m for m in notify.messages())
+    sub.join(0.1)

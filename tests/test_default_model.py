@@ -67,6 +67,11 @@ def test_a_shipped_model_carries_the_threshold_its_card_calibrates(name, card):
     text = (BUNDLED_DIR / card).read_text()
     assert f"`detect.threshold` **{thr}**" in text and f"| {thr:.2f} (stored) |" in text
     assert "90% upper limit" in text
+    # The contract: a bundle holds its metrics; the card quotes the same accuracy.
+    v = load_bundle(name).meta["metrics"]["validation"]
+    assert 0.9 < v["accuracy"] <= 1 and v["n"] > 600 and set(v["recall"]) == set(
+        load_bundle(name).labels)
+    assert f"{v['accuracy']:.4f}" in text
 
 
 def test_accurate_peaks_lower_than_default_and_says_whose_weights_it_holds():

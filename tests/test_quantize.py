@@ -261,11 +261,15 @@ def test_run_writes_the_bundle_and_a_json_comparison(tiny_bundle, small_data, tm
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert load_bundle(out).meta["name"] == "static"
+    # What it was measured on is recorded in the bundle, as the comparison reports it.
+    ev = load_bundle(out).meta["metrics"]["evaluation"]
+    assert ev["data"] == str(small_data) and ev["n"] == 96
     assert r["mode"] == "static" and r["quantization"]["calibration"]["clips"] == 40
     f, q = r["float"], r["quantized"]
     assert q["weight_bytes"] < f["weight_bytes"] and q["file_bytes"] == out.stat().st_size
     assert f["clips"] == q["clips"] == 96
     assert abs(f["accuracy"] - q["accuracy"]) <= 0.1
+    assert ev["accuracy"] == q["accuracy"]
     assert f["latency_ms_p50"] > 0 and q["latency_ms_p50"] > 0
     assert r["latency"] == {"batch": 1, "threads": 1, "runs": 200, "statistic": "median"}
 

@@ -190,7 +190,9 @@ def test_predict_centres_the_word_before_classifying(tiny_bundle, speech_dir, tm
     path = write_wav(tmp_path / "late_yes.wav", long)
     assert main(["predict", str(path), "--model", str(tiny_bundle.path), "--json",
                  "--plot", str(tmp_path / "plots")]) == 0
-    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    report = json.loads(capsys.readouterr().out)  # one object, however many files
+    assert report["model_sha256"] == tiny_bundle.sha256 and report["errors"] == []
+    row, = report["predictions"]
     assert row["label"] in tiny_bundle.labels and 0 < row["confidence"] <= 1
     assert abs(sum(row["probabilities"].values()) - 1) < 1e-3
     assert (tmp_path / "plots" / "late_yes.png").stat().st_size > 5000

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "recordings from (default ../shared/data)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="length of the built recordings (default 10)")
-    p.add_argument("--config", metavar="F", help="daemon config (default: built-in)")
+    p.add_argument("--config", metavar="F",
+                   help="daemon config (default: as `run` finds one: $STREAMKWS_CONFIG, "
+                        "/etc/streamkws/streamkws.toml, else the built-in defaults)")
     p.add_argument("--model", metavar="M", help="bundle path or name (default: the config's)")
     p.add_argument("--repeats", type=int, default=3, help="runs per case; medians reported")
     p.add_argument("--idle-seconds", type=float, default=20.0,

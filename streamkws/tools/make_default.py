@@ -46,6 +46,12 @@ def validation_metrics(bundle: Bundle, data: Path) -> dict:
     return metrics_from_predictions(val.targets(), probs.argmax(1), bundle.labels)
 
 
+def metrics_summary(m: dict) -> dict:
+    """What a bundle keeps of an evaluation: accuracy, clip count and recall per class."""
+    return {"accuracy": m["accuracy"], "n": m["n"],
+            "recall": {k: v["recall"] for k, v in m["per_class"].items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path, help="the trained float bundle")
@@ -69,10 +75,7 @@ def _make_default(args: argparse.Namespace) -> int:
     for b in (flt, q):
         b.meta["detect"] = detect_meta(row)
         m = validation_metrics(b, args.data)
-        b.meta["metrics"] = {**b.meta.get("metrics", {}),
-                             "validation": {"accuracy": m["accuracy"], "n": m["n"],
-                                            "recall": {k: v["recall"]
-                                                       for k, v in m["per_class"].items()}}}
+        b.meta["metrics"] = {**b.meta.get("metrics", {}), "validation": metrics_summary(m)}
         b.save(args.out / f"{b.name}.skw")
         results[b.name] = (m, latency_ms(b), (args.out / f"{b.name}.skw").stat().st_size)
     write_card(args.out / "MODEL_CARD.md", flt, results, tradeoff, row)

@@ -597,6 +597,13 @@ def run(args: argparse.Namespace) -> int:
     qb = quantize(src, args.mode, calibration=args.calibration,
                   calibration_clips=args.calibration_clips, engine=args.engine,
                   dynamic=args.dynamic, static=args.static, skip=args.skip, name=out.stem)
+    if args.data is not None:
+        from streamkws.tools.evaluate import evaluate
+        from streamkws.tools.make_default import metrics_summary
+
+        # Measured anyway: recorded, so the bundle says how it did and on what.
+        qb.meta["metrics"] = {"evaluation": {"data": str(args.data),
+                                             **metrics_summary(evaluate(qb, args.data))}}
     qb.save(out)
     # Compare what the daemon will load, which also proves the bundle rebuilds.
     report = compare(src, load_bundle(out), args.data)
