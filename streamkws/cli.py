@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise StreamKWSError("--init and --quant-solution go together "
                                  "(quantization-aware fine-tuning of an existing bundle)")
         for flag, given in (("--teacher", cfg.teacher), ("--ema", cfg.ema),
-                            ("--backbone", cfg.backbone)):
+                            ("--backbone", cfg.backbone), ("--keywords", args.keywords)):
             if given:
                 raise StreamKWSError(f"{flag} applies to training, not to --init fine-tuning")
         from streamkws.bundle import load_bundle
@@ -295,6 +295,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model bundle on labelled clips")
     t.add_argument("--data", action="append", required=True, metavar="DIR",
                    help="labelled folders or a Speech Commands download (repeatable)")
+    t.add_argument("--keywords", metavar="W,W,...",
+                   help="the words to spot (default: yes,no,up,down,left,right,on,off,stop,"
+                        "go); folders and Speech Commands files of other words train "
+                        "_unknown_")
     t.add_argument("--extra", action="append", metavar="DIR",
                    help="training-only data, e.g. synthetic speech (repeatable)")
     t.add_argument("--noise", metavar="DIR", help="background noise recordings for mixing")

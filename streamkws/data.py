@@ -122,6 +122,28 @@ def load_dataset(
     return ds
 
 
+def labels_for(keywords: Sequence[str] | None) -> tuple[str, ...]:
+    """The label set for ``keywords`` (None: the ten Speech Commands words), with
+    ``_unknown_`` and ``_silence_``; a bad list is one error naming the problem."""
+    if keywords is None:
+        return DEFAULT_LABELS
+    words = [w.strip() for w in keywords]
+    if not words or any(not w for w in words):
+        raise StreamKWSError("--keywords: expected comma-separated words, e.g. marvin,sheila")
+    if len(set(words)) != len(words):
+        raise StreamKWSError(f"--keywords: a word is listed twice ({', '.join(words)})")
+    if {UNKNOWN, SILENCE} & set(words):
+        raise StreamKWSError(f"--keywords: {UNKNOWN} and {SILENCE} are always labels; list "
+                             "only the words to spot")
+    return (*words, UNKNOWN, SILENCE)
+
+
+def missing_keywords(ds: Dataset) -> list[str]:
+    """Keywords of ``ds.labels`` without a single clip in ``ds``."""
+    counts = ds.counts()
+    return [lb for lb in ds.labels if lb not in (UNKNOWN, SILENCE) and not counts.get(lb)]
+
+
 def _word_to_label(word: str, labels: Sequence[str]) -> str | None:
     if word in labels:
         return word
@@ -139,7 +161,9 @@ def _load_folders(root: Path, labels: Sequence[str]) -> Dataset:
             word = folder.name
             if word == UNKNOWN and "_" in path.stem.split("_nohash_")[0]:
                 word = path.stem.split("_", 1)[0]  # _unknown_/bed_0c540988_nohash_0.wav
-            label = _word_to_label(folder.name, labels)
+            # An "other word" that is one of this label set's keywords is that keyword
+            # (custom keywords: Speech Commands files "marvin" under _unknown_).
+            label = _word_to_label(word if word in labels else folder.name, labels)
             if label is None:
                 continue
             items.append(Item(path, label, speaker_of(path), word))

@@ -288,3 +288,32 @@ def test_calibration_refuses_a_model_validated_on_another_speaker_split(tiny_bun
     assert heldout_split_problem(load_bundle("accurate")) is None
     with pytest.raises(StreamKWSError, match="validated on 30% with split seed 0"):
         stream_tradeoff(tiny_bundle, data_dir)
+
+
+def test_build_places_your_keywords_and_never_one_of_them_as_a_distractor(data_dir, tmp_path):
+    clips = data_dir / "speech_commands_v2_real"
+    r = streamkws("stream-eval", str(tmp_path / "kw.wav"), "--build", "--data", str(clips),
+                  "--keywords", "eight,zero", "--per-keyword", "2", "--unknown", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["keywords"] == ["eight", "zero"] and info["keyword_utterances"] == 4
+    assert {u.keyword for u in se.read_labels(tmp_path / "kw.csv")} == {"eight", "zero"}
+    r = streamkws("stream-eval", str(tmp_path / "neg.wav"), "--build", "--negative", "--data",
+                  str(clips), "--keywords", "eight,zero", "--unknown", "60", "--json")
+    assert r.returncode == 0, r.stderr
+    placed = json.loads(r.stdout)
+    assert placed["keyword_utterances"] == 0 and placed["other_words"] == 60
+    # Without them, a folder of only other words has no keyword to place: said, not empty.
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "_unknown_").symlink_to(clips / "_unknown_")
+    r = streamkws("stream-eval", str(tmp_path / "none.wav"), "--build", "--data", str(others),
+                  "--json")
+    assert r.returncode == 2 and "--keywords" in r.stderr
+
+
+def test_the_latency_benchmark_refuses_a_model_of_other_keywords(tiny_bundle, capsys):
+    from streamkws.tools.bench_latency import main as bench_latency
+
+    assert bench_latency(["--model", str(tiny_bundle.path)]) == 2
+    assert "does not spot up, down" in capsys.readouterr().err

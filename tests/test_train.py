@@ -439,3 +439,49 @@ def test_vocal_tract_warp_moves_formants_by_the_drawn_factor_and_leaves_time_alo
         # frame energies (time) barely move; the spectrum moves by the factor
         assert np.corrcoef(np.exp(warped[0]).sum(1), np.exp(feats[0]).sum(1))[0, 1] > 0.95
         assert centroid_hz(warped) / centroid_hz(feats) == pytest.approx(factor, rel=0.08)
+
+
+# -- your own keywords ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def numbers_data(tmp_path_factory, speech_dir):
+    """Speech Commands' other words and noise: no clip of the ten default keywords."""
+    root = tmp_path_factory.mktemp("numbers")
+    for label in ("_unknown_", "_silence_"):
+        (root / label).symlink_to(speech_dir / label)
+    return root
+
+
+def test_keywords_outside_the_default_ten_come_from_the_clips_of_those_words(numbers_data):
+    from streamkws.data import labels_for, load_dataset
+
+    ds = load_dataset(numbers_data, labels_for(["eight", "zero"]))
+    counts = ds.counts()
+    assert counts["eight"] >= 20 and counts["zero"] >= 20
+    assert all(it.word == it.label for it in ds.items if it.label in ("eight", "zero"))
+    assert not any(it.word in ("eight", "zero") for it in ds.items if it.label == "_unknown_")
+    for bad in ([], ["eight", "eight"], ["eight", "_unknown_"], ["eight", ""]):
+        with pytest.raises(StreamKWSError, match="--keywords"):
+            labels_for(bad)
+
+
+def test_training_without_the_default_keywords_asks_for_yours(numbers_data, tmp_path,
+                                                               capsys):
+    assert main(["train", "--data", str(numbers_data), "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path / "m.skw")]) == 2
+    err = capsys.readouterr().err
+    assert "no training clips of yes, no, up" in err and "--keywords" in err
+    assert "eight" in err  # it names words the data does hold
+    assert not (tmp_path / "m.skw").exists()
+
+
+def test_train_learns_the_keywords_you_name(numbers_data, tmp_path, capsys):
+    out = tmp_path / "numbers.skw"
+    assert main(["train", "--data", str(numbers_data), "--keywords", "eight,zero",
+                 "--arch", "dscnn", "--arch-arg", "channels=8", "--arch-arg", "blocks=1",
+                 "--epochs", "1", "--batch-size", "64", "--threads", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    b = load_bundle(out)
+    assert b.labels == ["eight", "zero", "_unknown_", "_silence_"]
+    assert report["validation"]["recall"]["eight"] is not None

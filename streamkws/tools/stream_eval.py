@@ -316,15 +316,27 @@ def calibrate(run: Run, truth: Sequence[Utterance], detect: DetectConfig, target
 
 def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int, unknown: int,
           snr_db: float | None, gap_s: tuple[float, float], seed: int, speakers: str,
-          negative: bool, min_contrast_db: float) -> dict:
+          negative: bool, min_contrast_db: float,
+          keywords: Sequence[str] | None = None) -> dict:
     """A recording of labelled clips at random spacing over real noise, and its label file
-    (keyword utterances only; other words are in it as distractors)."""
-    from streamkws.data import SILENCE, UNKNOWN, load_dataset, load_noise, speaker_split
+    (keyword utterances only; other words are in it as distractors). ``keywords``: the
+    words that are keywords (default: the ten Speech Commands words); every other word
+    may be a distractor, never one of these."""
+    from streamkws.data import (
+        SILENCE,
+        UNKNOWN,
+        labels_for,
+        load_dataset,
+        load_noise,
+        missing_keywords,
+        speaker_split,
+    )
     from streamkws.tools.streams import audible, build_stream, write_labels, write_wav
 
+    labels = labels_for(keywords)
     ds = None
     for d in data:
-        part = load_dataset(d)
+        part = load_dataset(d, labels)
         ds = part if ds is None else ds + part
     assert ds is not None
     if speakers == "heldout":
@@ -332,7 +344,13 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
         # bundled models): words no such model has trained on.
         ds = speaker_split(ds, *HELDOUT_SPLIT)[1]
     rng = np.random.default_rng(seed)
+    if not negative and keywords is not None and missing_keywords(ds):
+        raise StreamKWSError(f"no clips of {', '.join(missing_keywords(ds))} in --data "
+                             f"({'held-out speakers' if speakers == 'heldout' else 'all'})")
     keywords = sorted({it.label for it in ds.items} - {SILENCE, UNKNOWN})
+    if not negative and not keywords:
+        raise StreamKWSError("--data holds none of the keywords; name yours with --keywords "
+                             "(or --model, whose keywords are used)")
 
     clips: list[tuple[str, Path]] = []
     if not negative:
@@ -401,6 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write REC.wav and REC.csv from labelled clips instead of evaluating")
     b.add_argument("--data", type=Path, action="append", metavar="DIR",
                    help="labelled clip folders (DIR/<label>/*.wav); repeatable")
+    b.add_argument("--keywords", metavar="W,W,...",
+                   help="the words that are keywords (default: --model's, else the ten "
+                        "Speech Commands words); no other word is placed as one, and none "
+                        "of these as a distractor")
     b.add_argument("--noise", type=Path, metavar="DIR", help="noise recordings for the bed")
     b.add_argument("--snr", type=float, default=20.0, help="speech over noise, dB (default 20)")
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
@@ -438,9 +460,15 @@ def run(args: argparse.Namespace) -> int:
                 raise StreamKWSError(f"{out}: would write into the --data folder {d}")
         if args.per_keyword < 1 or args.unknown < 0:
             raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
+        keywords = args.keywords.split(",") if args.keywords else None
+        if keywords is None and args.model:
+            from streamkws.data import SILENCE, UNKNOWN
+
+            keywords = [lb for lb in load_bundle(args.model).labels
+                        if lb not in (SILENCE, UNKNOWN)]
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
-                     args.min_contrast_db)
+                     args.min_contrast_db, keywords)
         if args.json:
             print(json.dumps(info))
         else:
@@ -448,6 +476,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{info['keyword_utterances']} keyword utterances, {info['other_words']} "
                   f"other words) and {info['labels']}")
         return 0
+    if args.keywords:
+        raise StreamKWSError("--keywords goes with --build (a recording's keywords are its "
+                             "model's)")
     if args.write_config and args.target_fa_per_hour is None:
         raise StreamKWSError("--write-config goes with --target-fa-per-hour")
     if args.target_fa_per_hour is not None and args.target_fa_per_hour <= 0:
@@ -467,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(cfg.model.threads)
     bundle = load_bundle(cfg.model.name)
+    written_detect = cfg.detect  # what a written config keeps (an unset threshold unset)
     # Calibration and the report start from the threshold the daemon would use.
     cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
     r = run_pipeline(cfg, bundle, args.audio, progress=not (args.quiet or args.json))
@@ -507,8 +539,13 @@ def run(args: argparse.Namespace) -> int:
                         "recording even at threshold %.3f", args.target_fa_per_hour,
                         THRESHOLDS[-1])
         if args.write_config:
-            tuned = cfg.replace(detect=dataclasses.replace(cfg.detect,
-                                                           thresholds=cal["thresholds"]))
+            # A model given as a path is written absolute: the daemon may run elsewhere
+            # (systemd starts it in /).
+            model = cfg.model
+            if bundle.path is not None and Path(model.name).is_file():
+                model = dataclasses.replace(model, name=str(Path(model.name).resolve()))
+            tuned = cfg.replace(model=model, detect=dataclasses.replace(
+                written_detect, thresholds=cal["thresholds"]))
             args.write_config.parent.mkdir(parents=True, exist_ok=True)
             args.write_config.write_text(dumps(tuned, header=(
                 f"streamkws daemon config written by `streamkws stream-eval "

@@ -26,8 +26,10 @@ from streamkws.data import (
     ClipCache,
     Dataset,
     is_speech_commands_download,
+    labels_for,
     load_dataset,
     load_noise,
+    missing_keywords,
     speaker_split,
 )
 from streamkws.errors import StreamKWSError
@@ -150,6 +152,14 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         train_parts.append(load_dataset(root, cfg.labels))
     train_ds = sum(train_parts[1:], train_parts[0])
     val_ds = sum(val_parts[1:], val_parts[0])
+    missing = missing_keywords(train_ds)
+    if missing:
+        # A class without a clip is never learned, and the run would still report a
+        # flattering accuracy: most likely the keywords are not the default ten.
+        other = sorted({it.word for it in train_ds.items if it.label == UNKNOWN})[:12]
+        raise StreamKWSError(
+            f"no training clips of {', '.join(missing)}: name the words to spot with "
+            f"--keywords (the data's other words include: {', '.join(other) or 'none'})")
     overlap = train_ds.speakers() & val_ds.speakers()
     if overlap:
         # Only possible when two --data folders share speakers; flag it rather than
@@ -454,6 +464,11 @@ def train(cfg: TrainConfig) -> Bundle:
     t_start = time.monotonic()
     seed_everything(cfg.seed)
     cfg.check_backbone()
+    # A wrong --arch or --arch-arg is found before minutes of loading clips; built aside,
+    # so the network's initialisation below draws exactly what it always drew.
+    with torch.random.fork_rng():
+        build_model(cfg.arch, n_classes=len(cfg.labels), n_frames=cfg.frontend.window_frames,
+                    n_mels=cfg.frontend.n_mels, **cfg.arch_kwargs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -664,6 +679,7 @@ def config_from_args(args) -> TrainConfig:
         patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed, split_seed=args.split_seed,
         name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
+        labels=labels_for(args.keywords.split(",") if args.keywords else None),
         progress=not args.quiet, max_minutes=args.max_minutes,
         unknown_share=args.unknown_share,
         teacher=Path(args.teacher) if args.teacher else None,
