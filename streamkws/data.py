@@ -147,6 +147,10 @@ def missing_keywords(ds: Dataset) -> list[str]:
 def _word_to_label(word: str, labels: Sequence[str]) -> str | None:
     if word in labels:
         return word
+    # A folder "YES/" holds the keyword "yes": names typed by people vary in case.
+    folded = {lb.casefold(): lb for lb in labels}
+    if word.casefold() in folded:
+        return folded[word.casefold()]
     return UNKNOWN if UNKNOWN in labels else None
 
 
@@ -163,7 +167,9 @@ def _load_folders(root: Path, labels: Sequence[str]) -> Dataset:
                 word = path.stem.split("_", 1)[0]  # _unknown_/bed_0c540988_nohash_0.wav
             # An "other word" that is one of this label set's keywords is that keyword
             # (custom keywords: Speech Commands files "marvin" under _unknown_).
-            label = _word_to_label(word if word in labels else folder.name, labels)
+            spoken = _word_to_label(word, labels)
+            label = spoken if spoken not in (UNKNOWN, None) else _word_to_label(folder.name,
+                                                                                 labels)
             if label is None:
                 continue
             items.append(Item(path, label, speaker_of(path), word))

@@ -104,3 +104,10 @@ def test_empty_or_missing_data_is_a_clear_error(tmp_path):
         load_dataset(tmp_path / "nope")
     with pytest.raises(StreamKWSError, match="no audio clips found"):
         load_dataset(tmp_path)
+
+
+def test_a_label_folder_named_in_capitals_is_that_label(tmp_path, speech_dir):
+    (tmp_path / "YES").mkdir()
+    for p in sorted((speech_dir / "yes").glob("*.wav"))[:3]:
+        (tmp_path / "YES" / p.name).symlink_to(p)
+    assert load_dataset(tmp_path).counts()["yes"] == 3
