@@ -227,6 +227,12 @@ def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
             if args.calib_clips < 1:
                 raise StreamKWSError(f"--calib-clips must be 1 or more (got {args.calib_clips})")
             return sweep.run_sweep(args)
+        given = [f"--{name.replace('_', '-')}" for name in
+                 ("out_solution", "bits", "margin", "calib_clips")
+                 if getattr(args, name, None) not in (None, p.get_default(name))]
+        if given:
+            raise StreamKWSError(f"{', '.join(given)} go(es) with --sweep (the bit-width "
+                                 "sweep); quantizing does not use it")
         if not args.out:
             raise StreamKWSError("--out is required (the quantized bundle to write)")
         return module.run(args)

@@ -18,6 +18,7 @@ def test_bench_measures_the_daemon_with_and_without_the_vad_on_speech_and_silenc
         capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    assert report["model"] == "default"  # what was measured is named
     rows = {(x["audio"], x["vad"]): x for x in report["results"]}
     assert set(rows) == {("speech", "off"), ("speech", "config"), ("silence", "config"),
                          ("silence", "off")}

@@ -100,6 +100,7 @@ def test_audit_data_lists_at_least_one_clip(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--sweep", "--data", ".", "--mode", "static"], "--mode do(es) not apply"),
     (["quantize", "--sweep", "--data", ".", "--calib-clips", "0"], "--calib-clips must be"),
+    (["quantize", "--out-solution", "s.yaml", "--out", "x.skw"], "--out-solution go(es) with"),
     (["prune", "--margin", "0.1", "--out", "x.skw"], "--margin applies to --method structured"),
     (["prune", "--method", "structured", "--sparsity", "0.3", "--out", "x.skw"],
      "--sparsity applies to --method magnitude"),

@@ -315,6 +315,22 @@ def test_pruning_decides_on_the_models_own_validation_speakers_whatever_its_seed
     for seed in (0, 3):
         d = P.load_prune_data(tiny_bundle, P.PruneConfig(data=small_data, seed=seed), None)
         assert d.summary["validation_speakers"] == len(own_val.speakers())
-        assert d.summary["split"].endswith("(seed 0)")
+        assert d.summary["split"].endswith("(split seed 0, the model's own)")
         assert d.summary["validation_clips"] == len(own_val)
     assert not set(own_val.speakers()) & set(own_train.speakers())
+
+
+def test_pruning_on_training_speakers_only_takes_a_split_of_its_own(tiny_bundle, small_data,
+                                                                    tmp_path):
+    """The README's workflow: decide on a re-split of the model's training side and keep
+    every unheard speaker for the final test."""
+    own_train, _ = speaker_split(load_dataset(small_data, tiny_bundle.labels), 0.3, 0)
+    train_side = tmp_path / "train_side"
+    for it in own_train.items:
+        (train_side / it.label).mkdir(parents=True, exist_ok=True)
+        (train_side / it.label / it.path.name).symlink_to(it.path)
+    with pytest.raises(StreamKWSError, match="none of the model's validation speakers.*"
+                                             "--split-seed"):
+        P.load_prune_data(tiny_bundle, P.PruneConfig(data=train_side), None)
+    d = P.load_prune_data(tiny_bundle, P.PruneConfig(data=train_side, split_seed=1), None)
+    assert d.summary["validation_clips"] > 0 and d.summary["split"].endswith("(split seed 1)")

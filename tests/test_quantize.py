@@ -149,6 +149,16 @@ def test_mixed_dynamic_only_needs_no_calibration(tiny_bundle, tmp_path):
     assert isinstance(q.model.net.head[3], torch.ao.nn.quantized.dynamic.Linear)
 
 
+def test_layer_names_are_taken_as_profile_prints_them(tiny_bundle, tmp_path):
+    """`profile --layers` and the sweep name layers from the bundle's wrapper (net.head)."""
+    q = saved(qz.quantize(tiny_bundle, "mixed", dynamic=["net.head"]), tmp_path / "n.skw")
+    assert q.meta["quantization"]["dynamic"] == ["head"]
+    assert isinstance(q.model.net.head[3], torch.ao.nn.quantized.dynamic.Linear)
+    with pytest.raises(StreamKWSError) as err:
+        qz.quantize(tiny_bundle, "mixed", dynamic=["net.nowhere"])
+    assert "activation_post_process" not in str(err.value)
+
+
 def test_fp16_mode_is_nearly_exact(tiny_bundle, clips, float_probs, tmp_path):
     q = saved(qz.quantize(tiny_bundle, "fp16"), tmp_path / "h.skw")
     assert q.meta["quantization"]["dtype"] == "float16"
@@ -271,7 +281,8 @@ def test_run_writes_the_bundle_and_a_json_comparison(tiny_bundle, small_data, tm
     assert abs(f["accuracy"] - q["accuracy"]) <= 0.1
     assert ev["accuracy"] == q["accuracy"]
     assert f["latency_ms_p50"] > 0 and q["latency_ms_p50"] > 0
-    assert r["latency"] == {"batch": 1, "threads": 1, "runs": 200, "statistic": "median"}
+    assert r["latency"] == {"batch": 1, "threads": 1, "runs": 200, "statistic": "median",
+                            "timed": "Bundle.predict (features in, probabilities out)"}
 
 
 def test_run_prints_a_table(tiny_bundle, tmp_path, capsys):

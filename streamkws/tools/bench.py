@@ -107,7 +107,10 @@ def _bench(args: argparse.Namespace, work: Path) -> dict:
     idle = None
     if args.idle_seconds > 0:
         idle = run_daemon(silence, configs[None], args.model, realtime_for=args.idle_seconds)
-    return {"speech": str(speech), "silence": str(silence),
+    from streamkws.config import load_default
+
+    model = args.model or load_default(args.config).model.name
+    return {"model": model, "speech": str(speech), "silence": str(silence),
             "silence_dbfs": SILENCE_DBFS, "repeats": args.repeats,
             "results": results, "idle_realtime": idle, "verdict": verdict(results, idle)}
 
@@ -369,6 +372,7 @@ def verdict(results: list[dict], idle: dict | None) -> dict:
 
 
 def format_report(r: dict) -> str:
+    # "config": the VAD as the daemon's config sets it (on, unless the config turns it off).
     rows = [f"{'system':<28} {'audio':<8} {'VAD':<7} {'CPU s/audio s':>13} {'% core':>7} "
             f"{'peak RSS MB':>11} {'infer p50 ms':>12} {'p99 ms':>7} {'inferences':>10}"]
     for x in r["results"]:
@@ -380,7 +384,8 @@ def format_report(r: dict) -> str:
     v = r["verdict"]
     speech_s = next((x["audio_seconds"] for x in r["results"] if x["audio"] == "speech"), 0)
     kept = "" if r.get("recordings_kept", True) else " (built, then removed: --workdir keeps them)"
-    rows.append(f"speech: {r['speech']} ({speech_s / 60:.1f} min); silence: room noise at "
+    rows.append(f"model: {r.get('model', '?')}; speech: {r['speech']} ({speech_s / 60:.1f} "
+                f"min); silence: room noise at "
                 f"{r['silence_dbfs']:g} dBFS{kept}; medians of {r['repeats']} runs; fast "
                 "replay, publishing to a ZeroMQ subscriber")
     if "ratio_vad_on_to_peer" in v:

@@ -91,6 +91,8 @@ class PruneConfig:
     noise: Path | None = None
     val_fraction: float | None = None
     """Share of speakers held out; None: the model's own (as it was trained)."""
+    split_seed: int | None = None
+    """Which speakers are held out; None: the model's own split (its validation speakers)."""
     seed: int = 0
     finetune: int = 0
     lr: float = 1e-3
@@ -177,13 +179,14 @@ def split_data(data: str | Path, labels: list[str], val_fraction: float = 0.15,
 def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -> PruneData:
     """Load the validation side, and ``train_clips`` clips of the training side (None: all)."""
     assert cfg.data is not None
-    # The model's own split, so that no clip it trained on decides or measures anything.
-    split_seed = bundle.split_seed if bundle.split_seed is not None else cfg.seed
+    # By default the model's own split, so that no clip it trained on decides or measures
+    # anything. A split of one's own (--split-seed) serves data that holds only training
+    # speakers, keeping every unheard speaker for the final test: its decisions are then
+    # made on speakers the model has heard, which the model's own split avoids.
+    own = cfg.split_seed is None and cfg.val_fraction is None
+    split_seed = cfg.split_seed if cfg.split_seed is not None else (
+        bundle.split_seed if bundle.split_seed is not None else 0)
     fraction = cfg.val_fraction or bundle.validation_fraction or 0.15
-    if bundle.validation_fraction is not None and fraction != bundle.validation_fraction:
-        log.warning("--val-fraction %g is not the %g the model was validated with: some "
-                    "validation speakers here are ones it trained on", fraction,
-                    bundle.validation_fraction)
     train_ds, val_ds = split_data(cfg.data, bundle.labels, fraction, split_seed)
     if train_clips is not None and len(train_ds) > train_clips:
         # A fixed, class-mixed subset: calibration needs typical activations, not all clips.
@@ -192,6 +195,10 @@ def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -
     cache = ClipCache()
     xva, val_ds = cache.load_all(val_ds)
     xtr, train_ds = cache.load_all(train_ds)
+    if len(val_ds) == 0 and own:
+        raise StreamKWSError(f"{cfg.data}: none of the model's validation speakers is in it "
+                             "(it holds only speakers the model trained on?); split it your "
+                             "own way with --split-seed N")
     if len(val_ds) == 0:
         raise StreamKWSError(f"{cfg.data}: the validation split is empty (no held-out speakers "
                              "at this --val-fraction); use more speakers or a larger fraction")
@@ -202,7 +209,8 @@ def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -
         noise = load_noise(Path(cfg.data) / "_background_noise_")
     summary = {
         "data": str(cfg.data),
-        "split": f"by speaker, {fraction:.0%} of speakers held out (seed {split_seed})",
+        "split": f"by speaker, {fraction:.0%} of speakers held out (split seed {split_seed}"
+                 + (", the model's own)" if own else ")"),
         "validation_clips": len(val_ds),
         "validation_speakers": len(val_ds.speakers()),
         "train_clips": len(train_ds),
@@ -920,14 +928,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="share of --data speakers held out (default: the model's own, as "
                         "recorded in its bundle)")
+    p.add_argument("--split-seed", type=int, default=None, metavar="N",
+                   help="which speakers of --data are held out (default: the model's own "
+                        "split, its validation speakers); give one for data of training "
+                        "speakers only, to keep unheard speakers for the final test")
     p.add_argument("--noise", type=Path, metavar="DIR",
                    help="background noise for fine-tuning augmentation")
     p.add_argument("--finetune", type=int, default=0, metavar="N",
                    help="fine-tune N epochs after pruning (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--seed", type=int, default=0,
-                   help="fine-tuning seed (the speaker split is always the model's own, "
-                        "from its bundle's split seed)")
+                   help="fine-tuning seed (the speaker split is --split-seed's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--out", required=True, metavar="M2", help="bundle file to write")
@@ -952,7 +963,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         step=args.step, refine=args.refine, select=args.select, criterion=args.criterion,
         data=args.data,
         noise=args.noise,
-        val_fraction=args.val_fraction, seed=args.seed, finetune=args.finetune, lr=args.lr,
+        val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
+        finetune=args.finetune, lr=args.lr,
         progress=None if args.json else (lambda m: print(m, file=sys.stderr, flush=True)),
     ).validate()
 

@@ -126,7 +126,14 @@ def use_engine(engine: str, for_bundle: bool = False) -> None:
 def submodule_names(net: nn.Module) -> list[str]:
     """Names ``--dynamic``/``--static``/``--skip`` accept: every submodule but the stubs."""
     stubs = (torch.ao.quantization.QuantStub, torch.ao.quantization.DeQuantStub)
-    return [n for n, m in net.named_modules() if n and not isinstance(m, stubs)]
+    return [n for n, m in net.named_modules() if n and not isinstance(m, stubs)
+            and "activation_post_process" not in n]
+
+
+def net_relative(name: str) -> str:
+    """A submodule name as ``quantize`` takes it: ``profile --layers`` and the sweep name
+    layers from the bundle's wrapper (``net.blocks.1``); the same layer is ``blocks.1``."""
+    return name[len("net."):] if name.startswith("net.") else name
 
 
 def _under(name: str, parent: str) -> bool:
@@ -367,6 +374,8 @@ def quantize(
     if engine not in ENGINES:
         raise StreamKWSError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     net = bundle.model.net
+    dynamic, static, skip = ([net_relative(n) for n in names]
+                             for names in (dynamic, static, skip))
     check_names(net, dynamic, static, skip)
 
     q: dict = {"mode": mode}
@@ -504,7 +513,10 @@ def compare(float_bundle: Bundle, quantized: Bundle, data: str | Path | None = N
         "quantization": quantized.meta.get("quantization", {}),
         "float": side(float_bundle, p50s[0]),
         "quantized": side(quantized, p50s[1]),
-        "latency": {"batch": 1, "threads": 1, "runs": runs, "statistic": "median"},
+        "latency": {"batch": 1, "threads": 1, "runs": runs, "statistic": "median",
+                    # What the daemon calls per window; `profile` times the network alone,
+                    # so its figures are a little lower.
+                    "timed": "Bundle.predict (features in, probabilities out)"},
         "data": str(data) if data is not None else None,
     }
     if data is not None:
@@ -550,7 +562,8 @@ def format_table(r: dict) -> str:
         notes.append(f"accuracy on {f['clips']} clips of {r['data']}")
     lat = r["latency"]
     notes.append(f"latency per window: batch {lat['batch']}, {lat['threads']} thread, median "
-                 f"of {lat['runs']} runs")
+                 f"of {lat['runs']} runs of Bundle.predict, as the daemon calls it "
+                 "(`profile` times the network's forward alone)")
     if r["mode"] == "fp16":
         # Without this the unchanged sizes look like a bug.
         notes.append("fp16: torch packs the Linear weights as float16 in memory but stores "
