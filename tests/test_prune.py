@@ -334,3 +334,15 @@ def test_pruning_on_training_speakers_only_takes_a_split_of_its_own(tiny_bundle,
         P.load_prune_data(tiny_bundle, P.PruneConfig(data=train_side), None)
     d = P.load_prune_data(tiny_bundle, P.PruneConfig(data=train_side, split_seed=1), None)
     assert d.summary["validation_clips"] > 0 and d.summary["split"].endswith("(split seed 1)")
+
+
+def test_the_command_lines_defaults_are_the_configs_so_a_changed_one_is_noticed():
+    """config_from_args refuses an option of the other method when it differs from
+    PruneConfig's default: the two sets of defaults must be one."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    P.add_arguments(p)
+    for names in P._ONLY_FOR.values():
+        for name in names:
+            assert p.get_default(name) == getattr(P.PruneConfig(), name), name

@@ -944,18 +944,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="M2", help="bundle file to write")
 
 
-_ONLY_FOR = {"magnitude": {"sparsity": 0.5, "scope": "layer"},
-             "structured": {"margin": 0.03, "step": 0.125, "refine": 1, "select": "accuracy",
-                            "criterion": "activation"}}
-"""Options that one method reads and the other ignores, with their defaults."""
+_ONLY_FOR = {"magnitude": ("sparsity", "scope"),
+             "structured": ("margin", "step", "refine", "select", "criterion")}
+"""Options that one method reads and the other ignores (their defaults: PruneConfig's)."""
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    defaults = PruneConfig()
     for method, options in _ONLY_FOR.items():
         if args.method == method:
             continue
-        for name, default in options.items():
-            if getattr(args, name) != default:
+        for name in options:
+            if getattr(args, name) != getattr(defaults, name):
                 raise StreamKWSError(f"--{name} applies to --method {method}, not "
                                      f"{args.method}")
     return PruneConfig(
