@@ -191,9 +191,10 @@ def heldout_split_problem(bundle: Bundle) -> str | None:
     theirs = bundle.validation_fraction, bundle.split_seed
     if (theirs[0] is not None and abs(theirs[0] - frac) > 1e-9) or \
             (theirs[1] is not None and theirs[1] != seed):
+        share = "an unrecorded share" if theirs[0] is None else f"{theirs[0]:.0%}"
         return (f"held-out streams come from the validation speakers of the default split "
-                f"({frac:.0%}, split seed {seed}); {bundle.name} was validated on "
-                f"{theirs[0]:.0%} with split seed {theirs[1]}, so it trained on some of them")
+                f"({frac:.0%}, split seed {seed}); {bundle.name} was validated on {share} "
+                f"with split seed {theirs[1]}, so it trained on some of them")
     return None
 
 
