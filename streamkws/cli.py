@@ -400,12 +400,15 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = {}
     if args.command == "run" and threading.current_thread() is threading.main_thread():
         # Until the daemon takes the signals over (importing torch takes a while): a reload
         # request (`systemctl reload` during start-up) must not kill it, the config it is
         # about to read being the newest anyway; a stop request is remembered, so that it
         # still ends with a final status.
         _EARLY_STOP.clear()
+        previous = {sig: signal.getsignal(sig)
+                    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: _EARLY_STOP.set())
@@ -424,6 +427,9 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"streamkws {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         rc = EXIT_USER_ERROR
+    finally:
+        for sig, handler in previous.items():  # an in-process caller gets its own back
+            signal.signal(sig, handler)
     if leave_at_once and args.command == "run":
         _leave(rc)
     return rc

@@ -339,10 +339,14 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
 def test_a_wait_timeout_that_is_not_a_duration_is_one_line(value, capsys):
     from streamkws.cli import main
 
+    handlers = {sig: signal.getsignal(sig)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     assert main(["run", "--source", "demo", "--wait-subscribers", "1",
                  f"--wait-timeout={value}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--wait-timeout must be 0-86400" in err
+    # In process, the caller gets its signal handlers back (Ctrl-C still interrupts).
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_sigterm_during_start_up_is_a_clean_stop_not_a_kill(tmp_path):
