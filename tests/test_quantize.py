@@ -149,6 +149,14 @@ def test_mixed_dynamic_only_needs_no_calibration(tiny_bundle, tmp_path):
     assert isinstance(q.model.net.head[3], torch.ao.nn.quantized.dynamic.Linear)
 
 
+def test_calibration_for_a_mode_that_uses_none_is_refused(tiny_bundle, small_data):
+    for mode in ("dynamic", "fp16"):
+        with pytest.raises(StreamKWSError, match="--calibration applies to static"):
+            qz.quantize(tiny_bundle, mode, calibration=small_data)
+    with pytest.raises(StreamKWSError, match="--calibration applies to static"):
+        qz.quantize(tiny_bundle, "mixed", dynamic=["head"], calibration=small_data)
+
+
 def test_layer_names_are_taken_as_profile_prints_them(tiny_bundle, tmp_path):
     """`profile --layers` and the sweep name layers from the bundle's wrapper (net.head)."""
     q = saved(qz.quantize(tiny_bundle, "mixed", dynamic=["net.head"]), tmp_path / "n.skw")

@@ -377,6 +377,9 @@ def quantize(
     dynamic, static, skip = ([net_relative(n) for n in names]
                              for names in (dynamic, static, skip))
     check_names(net, dynamic, static, skip)
+    if calibration is not None and not needs_static:
+        raise StreamKWSError("--calibration applies to static quantization (--mode static, or "
+                             "--mode mixed with --static parts); weights alone need none")
 
     q: dict = {"mode": mode}
     if mode == "dynamic":
