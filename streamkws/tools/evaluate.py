@@ -42,6 +42,13 @@ def metrics_from_predictions(y: np.ndarray, pred: np.ndarray, labels: list[str])
     }
 
 
+def metrics_summary(m: dict) -> dict:
+    """What a bundle keeps of :func:`metrics_from_predictions`: accuracy, clip count and
+    recall per class."""
+    return {"accuracy": m["accuracy"], "n": m["n"],
+            "recall": {k: v["recall"] for k, v in m["per_class"].items()}}
+
+
 def _r4(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 

@@ -22,12 +22,8 @@ from streamkws.errors import StreamKWSError, exit_status
 from streamkws.models.quant import quantize_dynamic
 from streamkws.tools import calibration as cal
 from streamkws.tools.ensemble import build_ensemble
-from streamkws.tools.make_default import (
-    ATTRIBUTION,
-    latency_ms,
-    metrics_summary,
-    validation_metrics,
-)
+from streamkws.tools.evaluate import metrics_summary
+from streamkws.tools.make_default import ATTRIBUTION, latency_ms, validation_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

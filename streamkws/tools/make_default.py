@@ -25,7 +25,7 @@ from streamkws.tools.calibration import (
     stream_tradeoff,
     table,
 )
-from streamkws.tools.evaluate import metrics_from_predictions, predict_clips
+from streamkws.tools.evaluate import metrics_from_predictions, metrics_summary, predict_clips
 
 ATTRIBUTION = "Speech Commands dataset, P. Warden, 2018, arXiv:1804.03209, CC BY 4.0"
 
@@ -44,12 +44,6 @@ def validation_metrics(bundle: Bundle, data: Path) -> dict:
     x, val = ClipCache().load_all(val)
     probs = predict_clips(bundle, x)
     return metrics_from_predictions(val.targets(), probs.argmax(1), bundle.labels)
-
-
-def metrics_summary(m: dict) -> dict:
-    """What a bundle keeps of an evaluation: accuracy, clip count and recall per class."""
-    return {"accuracy": m["accuracy"], "n": m["n"],
-            "recall": {k: v["recall"] for k, v in m["per_class"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

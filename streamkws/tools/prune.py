@@ -767,7 +767,7 @@ def finetune(model: KWSModel, data: PruneData, bundle: Bundle, cfg: PruneConfig)
 def _derived_bundle(src: Bundle, model: KWSModel, report: dict, table: list[dict],
                     data: PruneData | None) -> Bundle:
     from streamkws.models import count_parameters
-    from streamkws.tools.evaluate import metrics_from_predictions
+    from streamkws.tools.evaluate import metrics_from_predictions, metrics_summary
 
     model.eval()
     meta = copy.deepcopy(src.meta)
@@ -788,9 +788,7 @@ def _derived_bundle(src: Bundle, model: KWSModel, report: dict, table: list[dict
             probs = torch.softmax(model(torch.from_numpy(data.val_feats)), -1).numpy()
         m = metrics_from_predictions(data.val_y, probs.argmax(1), src.labels)
         meta["metrics"] = {"validation": {
-            "accuracy": m["accuracy"], "n": m["n"],
-            "recall": {k: v["recall"] for k, v in m["per_class"].items()},
-            "note": "the clips pruning decisions were made on"}}
+            **metrics_summary(m), "note": "the clips pruning decisions were made on"}}
     else:
         meta.pop("metrics", None)
     return Bundle(model, meta)

@@ -762,7 +762,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     lengths and accuracies updated; its float weights are what the daemon runs.
     """
     from streamkws.data import UNKNOWN
-    from streamkws.tools.evaluate import metrics_from_predictions
+    from streamkws.tools.evaluate import metrics_from_predictions, metrics_summary
     from streamkws.tools.train import (
         BatchMaker,
         TrainConfig,
@@ -884,8 +884,8 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
         "history": history,
     }
     meta.setdefault("metrics", {})
-    meta["metrics"]["validation"] = _short(floatm)
-    meta["metrics"]["validation_fixed_point"] = _short(fixed)
+    meta["metrics"]["validation"] = metrics_summary(floatm)
+    meta["metrics"]["validation_fixed_point"] = metrics_summary(fixed)
     result = Bundle(model, meta)
     if out is not None or config is not None:
         result.save(cfg.out)

@@ -575,7 +575,7 @@ def train(cfg: TrainConfig) -> Bundle:
     bar.close()
     (trainee if average is None else model).load_state_dict(best["state"])
     model.eval()
-    from streamkws.tools.evaluate import metrics_from_predictions
+    from streamkws.tools.evaluate import metrics_from_predictions, metrics_summary
 
     probs = evaluate_arrays(trainee, val_feats)
     val_metrics = metrics_from_predictions(val_s.y, probs.argmax(1), labels)
@@ -600,16 +600,11 @@ def train(cfg: TrainConfig) -> Bundle:
                if teacher is not None else {}),
             "history": history,
         },
-        "metrics": {"validation": _short_metrics(val_metrics)},
+        "metrics": {"validation": metrics_summary(val_metrics)},
     })
     bundle.save(cfg.out)
     partial.unlink(missing_ok=True)
     return bundle
-
-
-def _short_metrics(m: dict) -> dict:
-    return {"accuracy": m["accuracy"], "n": m["n"],
-            "recall": {k: v["recall"] for k, v in m["per_class"].items()}}
 
 
 class _NoBar:
