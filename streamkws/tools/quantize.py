@@ -500,8 +500,9 @@ def describe_quantization(q: dict) -> str:
 
 
 def compare(float_bundle: Bundle, quantized: Bundle, data: str | Path | None = None,
-            runs: int = LATENCY_RUNS) -> dict:
-    """Weight bytes, file bytes, accuracy on ``data`` and latency p50 of both bundles."""
+            runs: int = LATENCY_RUNS, quantized_metrics: dict | None = None) -> dict:
+    """Weight bytes, file bytes, accuracy on ``data`` and latency p50 of both bundles
+    (``quantized_metrics``: the quantized one's evaluation on ``data``, if already made)."""
     from streamkws.tools.evaluate import evaluate
 
     def side(b: Bundle, p50: float) -> dict:
@@ -524,7 +525,8 @@ def compare(float_bundle: Bundle, quantized: Bundle, data: str | Path | None = N
     }
     if data is not None:
         for key, b in (("float", float_bundle), ("quantized", quantized)):
-            m = evaluate(b, data)
+            m = quantized_metrics if key == "quantized" and quantized_metrics else \
+                evaluate(b, data)
             report[key]["accuracy"] = m["accuracy"]
             report[key]["clips"] = m["n"]
     return report
@@ -613,15 +615,16 @@ def run(args: argparse.Namespace) -> int:
     qb = quantize(src, args.mode, calibration=args.calibration,
                   calibration_clips=args.calibration_clips, engine=args.engine,
                   dynamic=args.dynamic, static=args.static, skip=args.skip, name=out.stem)
+    measured = None
     if args.data is not None:
-        from streamkws.tools.evaluate import evaluate
-        from streamkws.tools.make_default import metrics_summary
+        from streamkws.tools.evaluate import evaluate, metrics_summary
 
-        # Measured anyway: recorded, so the bundle says how it did and on what.
-        qb.meta["metrics"] = {"evaluation": {"data": str(args.data),
-                                             **metrics_summary(evaluate(qb, args.data))}}
+        # Measured for the comparison anyway: recorded, so the bundle says how it did on
+        # what.
+        measured = evaluate(qb, args.data)
+        qb.meta["metrics"] = {"evaluation": {"data": str(args.data), **metrics_summary(measured)}}
     qb.save(out)
     # Compare what the daemon will load, which also proves the bundle rebuilds.
-    report = compare(src, load_bundle(out), args.data)
+    report = compare(src, load_bundle(out), args.data, quantized_metrics=measured)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
