@@ -166,6 +166,12 @@ class DetectConfig:
         return self
 
 
+def tcp_host(endpoint: str) -> str:
+    """The host of a ``tcp://`` endpoint, as written (``[::1]`` keeps its brackets). Of a
+    connect-style ``source;dest``, the destination's; the host is before the last ':'."""
+    return endpoint[len("tcp://"):].rpartition(":")[0].split(";")[-1]
+
+
 def tcp_port_problem(endpoint: str) -> str | None:
     """Why a ``tcp://`` endpoint's port is not one (ZeroMQ would wrap 99999 round to
     another port without a word), or None."""

@@ -21,7 +21,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from streamkws.config import tcp_port_problem
+from streamkws.config import tcp_host, tcp_port_problem
 from streamkws.errors import StreamKWSError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def listen(
     sub.setsockopt(zmq.LINGER, 0)
     monitor: zmq.Socket | None = None
     try:
-        if connect.startswith("tcp://") and ":" in connect[6:].rpartition(":")[0]:
+        if connect.startswith("tcp://") and ":" in tcp_host(connect):
             sub.setsockopt(zmq.IPV6, 1)
         if server_key:
             _setup_curve_client(sub, server_key, client_key)
@@ -200,7 +200,7 @@ def _warn_if_unresolvable(connect: str) -> None:
     """ZeroMQ retries a host name it cannot resolve forever, with no event to report."""
     if not connect.startswith("tcp://"):
         return
-    host = connect[len("tcp://"):].rpartition(":")[0].split(";")[-1].strip("[]")
+    host = tcp_host(connect).strip("[]")
     try:
         socket.getaddrinfo(host, None)
     except (OSError, UnicodeError):

@@ -33,7 +33,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from streamkws.config import PublishConfig
+from streamkws.config import PublishConfig, tcp_host
 from streamkws.errors import StreamKWSError
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Publisher:
         s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if cfg.endpoint.startswith("tcp://"):
-            host = _tcp_host(cfg.endpoint)
+            host = tcp_host(cfg.endpoint)
             # IPv6 sockets also accept IPv4 but ``*`` would then mean every v4 *and* v6
             # interface; keep it off unless the address itself is IPv6.
             s.setsockopt(zmq.IPV6, 1 if ":" in host else 0)
@@ -405,13 +405,6 @@ def generate_keys(folder: str | os.PathLike[str], name: str) -> tuple[Path, Path
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def _tcp_host(endpoint: str) -> str:
-    rest = endpoint[len("tcp://"):]
-    # A connect-style "source;dest" never applies to bind; the host is before the last ':'.
-    host, _, _port = rest.rpartition(":")
-    return host
-
 
 def _prepare_ipc_path(endpoint: str) -> None:
     """Create the socket's folder and remove a dead daemon's leftover socket file.
