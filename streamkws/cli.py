@@ -218,18 +218,15 @@ def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
     def run(args: argparse.Namespace) -> int:
         if args.sweep:
             # The sweep simulates fixed point itself: quantizer options would do nothing.
-            given = [f"--{name.replace('_', '-')}" for name in
-                     ("mode", "calibration", "engine", "dynamic", "static", "skip", "out")
-                     if getattr(args, name, None) not in (None, p.get_default(name))]
+            given = _given(p, args, ("mode", "calibration", "engine", "dynamic", "static",
+                                     "skip", "out"))
             if given:
                 raise StreamKWSError(f"{', '.join(given)} do(es) not apply to --sweep, which "
                                      "writes a solution (--out-solution), not a bundle")
             if args.calib_clips < 1:
                 raise StreamKWSError(f"--calib-clips must be 1 or more (got {args.calib_clips})")
             return sweep.run_sweep(args)
-        given = [f"--{name.replace('_', '-')}" for name in
-                 ("out_solution", "bits", "margin", "calib_clips")
-                 if getattr(args, name, None) not in (None, p.get_default(name))]
+        given = _given(p, args, ("out_solution", "bits", "margin", "calib_clips"))
         if given:
             raise StreamKWSError(f"{', '.join(given)} go(es) with --sweep (the bit-width "
                                  "sweep); quantizing does not use it")
@@ -238,6 +235,13 @@ def _setup_quantize(p: argparse.ArgumentParser, module) -> None:
         return module.run(args)
 
     p.set_defaults(func=run)
+
+
+def _given(p: argparse.ArgumentParser, args: argparse.Namespace,
+           names: Sequence[str]) -> list[str]:
+    """The flags among ``names`` set to something other than their default."""
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(args, name, None) not in (None, p.get_default(name))]
 
 
 TOOL_SETUP = {"quantize": _setup_quantize}
