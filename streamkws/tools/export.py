@@ -269,6 +269,10 @@ def dequantize_dynamic(model: nn.Module) -> nn.Module:
     return model
 
 
+DYNAMO_MIN_OPSET = 18
+"""The oldest opset torch's (dynamo) ONNX exporter writes; older ones fail to convert."""
+
+
 def export_onnx(bundle: Bundle, out: Path, opset: int | None = None) -> list[str]:
     """Write the ONNX file with metadata; return notes on what was done."""
     _require_onnx()
@@ -288,6 +292,11 @@ def export_onnx(bundle: Bundle, out: Path, opset: int | None = None) -> list[str
     x = _example(bundle)
     kwargs: dict = {"input_names": ["features"], "output_names": ["logits"]}
     if opset is not None:
+        if not static and opset < DYNAMO_MIN_OPSET:
+            # Found before the exporter tries: its failed down-conversion logs a traceback.
+            raise StreamKWSError(f"--opset {opset}: torch {torch.__version__.split('+')[0]}'s "
+                                 f"exporter writes opset {DYNAMO_MIN_OPSET} or later; leave "
+                                 "--opset out or ask for one of those")
         kwargs["opset_version"] = opset
     with quiet_export(), torch.no_grad():
         if static:
