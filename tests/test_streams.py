@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamkws.audio.wav import load_audio
-from streamkws.tools.streams import SR, speech_bounds
+from streamkws.tools.streams import SR, build_stream, speech_bounds
 
 FRAME = 160
 
@@ -62,3 +62,19 @@ def test_a_real_off_keeps_its_f_and_the_same_speakers_no_is_unchanged(data_dir):
     assert speech_bounds(off)[1] - speech_bounds(off, fricative_ms=0)[1] >= 0.03 * SR
     no = load_audio(words / "no" / "44715c1c_nohash_0.wav")
     assert speech_bounds(no) == speech_bounds(no, fricative_ms=0)
+
+
+def test_a_placed_word_keeps_150_ms_of_its_recording_so_a_faint_f_is_not_cut(data_dir):
+    """This held-out "off"'s /f/ (0.72-0.82 s) stands under 10 dB over its band's floor, so
+    the bounds end at the vowel; placed with 50 ms around them the stream said "o"."""
+    path = data_dir / "speech_commands_v2_real" / "off" / "0d53e045_nohash_1.wav"
+    x = load_audio(path)
+    a, b = speech_bounds(x)
+    assert b <= int(0.70 * SR)  # the rule alone misses the /f/
+    out, [placed] = build_stream([("off", path)], [], lead_s=1.0, word_dbfs=None)
+    at = SR - (a - int(0.15 * SR))  # where the clip's first kept sample lands
+    np.testing.assert_array_equal(out[at + int(0.72 * SR): at + int(0.82 * SR)],
+                                  x[int(0.72 * SR): int(0.82 * SR)])
+    # The label is the word and 50 ms around it, not the room tone kept beside it.
+    assert placed.start == (at + a - int(0.05 * SR)) / SR
+    assert placed.end == (at + b + int(0.05 * SR)) / SR
