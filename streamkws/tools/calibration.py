@@ -18,7 +18,7 @@ from streamkws.errors import StreamKWSError
 CALIBRATION_SEEDS = (1, 2, 3, 4, 5, 6)
 """Held-out streams for the threshold; the end-to-end test's stream (seed 0) stays out."""
 
-GRID = tuple(round(float(t), 2) for t in np.arange(0.50, 0.91, 0.02))
+GRID = tuple(round(float(t), 2) for t in np.arange(0.50, 0.99, 0.02))
 
 FA_BUDGET_PER_5_MIN = 1.0
 

@@ -86,7 +86,7 @@ def threshold_note(row: tuple) -> str:
     return (f"At the stored threshold {thr:.2f}: recall {recall:.3f} ({hits}/{n}) with "
             f"{false} false alarm{'' if false == 1 else 's'} in {minutes:.1f} min "
             f"({false / minutes * 5:.2f} per 5 minutes). Missed keywords and false alarms "
-            "both come mostly from confusable words (up/off, down/go, five/right): "
+            "both come mostly from confusable words (up/off, down/go, dog/down, five/right): "
             "rejecting other words is the limit.")
 
 

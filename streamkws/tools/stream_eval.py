@@ -426,7 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--noise", type=Path, metavar="DIR", help="noise recordings for the bed")
     b.add_argument("--snr", type=float, default=20.0, help="speech over noise, dB (default 20)")
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
-                   help="seconds between words, drawn uniformly (default 1.5:3.5)")
+                   help="seconds between placed words (each keeps 150 ms of its recording "
+                        "either side), drawn uniformly (default 1.5:3.5)")
     b.add_argument("--per-keyword", type=int, default=10, help="utterances of each keyword")
     b.add_argument("--unknown", type=int, default=50, help="other words as distractors")
     b.add_argument("--speakers", choices=("all", "heldout"), default="all",

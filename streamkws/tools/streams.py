@@ -96,15 +96,16 @@ def build_stream(
     context_ms: float = 150.0,
     label_pad_ms: float = 50.0,
 ) -> tuple[np.ndarray, list[Placed]]:
-    """Concatenate ``(word, path)`` clips, trimmed to the word, with random gaps, over a
-    noise bed.
+    """Concatenate ``(word, path)`` clips, each cut down to its word and some of its own
+    recording around it, with random gaps, over a noise bed.
 
     Each word keeps ``context_ms`` of its own recording either side of what
     :func:`speech_bounds` finds, because an energy rule misjudges the weakest sounds: with
     50 ms, 5 of the 486 audible held-out keyword clips lost a sound the model needs (a
-    faint /f/ cut from "off" leaves "o"), with 150 ms none did. The label still spans the
-    word and ``label_pad_ms`` around it, so overlap and latency are measured from the
-    word, not from room tone.
+    faint /f/ cut from "off" leaves "o"), with 150 ms none did. The label is what
+    :func:`speech_bounds` finds and ``label_pad_ms`` around it, so overlap and latency are
+    measured from the word, not from room tone; where the rule misses a faint final sound
+    (that "off"'s /f/), the label ends before it, and latency reads that much longer.
 
     Each word is brought to ``word_dbfs`` +- ``word_jitter_db`` (RMS of its speech), as a
     speaker at a fixed distance from a microphone would be; None keeps the recordings'
