@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from streamkws.audio.wav import load_audio
 from streamkws.tools.streams import SR, build_stream, speech_bounds
@@ -78,3 +79,25 @@ def test_a_placed_word_keeps_150_ms_of_its_recording_so_a_faint_f_is_not_cut(dat
     # The label is the word and 50 ms around it, not the room tone kept beside it.
     assert placed.start == (at + a - int(0.05 * SR)) / SR
     assert placed.end == (at + b + int(0.05 * SR)) / SR
+
+
+def test_word_level_and_noise_bed_are_set_by_the_words_not_the_room_tone_beside_them(data_dir):
+    """-26 dBFS and 20 dB SNR describe the labelled words; the quiet context kept around
+    them must not pull the level up or the bed down."""
+    from streamkws.data import load_noise
+
+    words = data_dir / "speech_commands_v2_real"
+    clips = [("off", words / "off" / "0d53e045_nohash_1.wav"),
+             ("no", words / "no" / "44715c1c_nohash_0.wav")]
+    noise = load_noise(data_dir / "noise")
+    kw = dict(word_dbfs=-26.0, word_jitter_db=0.0, snr_db=20.0, seed=3)
+    dry, placed = build_stream(clips, [], **kw)
+    wet, _ = build_stream(clips, noise, **kw)
+    speech = np.concatenate([dry[int(p.start * SR): int(p.end * SR)] for p in placed])
+    bed = (wet - dry).astype(np.float64)
+
+    def dbfs(x):
+        return 10 * np.log10(np.mean(np.asarray(x, np.float64) ** 2))
+
+    assert dbfs(speech) == pytest.approx(-26.0, abs=0.1)
+    assert dbfs(bed) == pytest.approx(-46.0, abs=0.1)
