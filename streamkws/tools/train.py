@@ -626,21 +626,19 @@ def config_from_args(args) -> TrainConfig:
     _check_count("--batch-size", args.batch_size, 1, 65_536)
     _check_count("--patience", args.patience, 1, 100_000)
     _check_count("--threads", args.threads, 0, 1024, " (0: torch's choice)")
-    _check_count("--passes", args.passes, 1, 1000)
     # "not within" rather than "outside": NaN must fail too.
-    checks = (("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "(0, 1)"),
-              ("--lr", args.lr, args.lr is None or 0 < args.lr <= 1, "(0, 1]"),
+    checks = (("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1,
+               "within (0, 1)"),
+              ("--lr", args.lr, args.lr is None or 0 < args.lr <= 1, "within (0, 1]"),
               ("--unknown-share", args.unknown_share,
-               args.unknown_share is None or 0 <= args.unknown_share < 1, "[0, 1)"),
+               args.unknown_share is None or 0 <= args.unknown_share < 1, "within [0, 1)"),
               ("--reverse-as-unknown", args.reverse_as_unknown,
-               0 <= args.reverse_as_unknown <= 1, "[0, 1]"),
+               0 <= args.reverse_as_unknown <= 1, "within [0, 1]"),
               ("--max-minutes", args.max_minutes,
                args.max_minutes is None or args.max_minutes > 0, "above 0"))
     for flag, value, ok, allowed in checks:
         if not ok:
-            raise StreamKWSError(f"{flag} must be within {allowed} (got {value:g})"
-                                 if "(" in allowed or "[" in allowed else
-                                 f"{flag} must be {allowed} (got {value:g})")
+            raise StreamKWSError(f"{flag} must be {allowed} (got {value:g})")
     if not 0 <= args.shift_ms <= 500:
         raise StreamKWSError(f"--shift-ms must be within 0..500 (got {args.shift_ms:g}); "
                              "a clip is 1000 ms")
@@ -655,9 +653,11 @@ def config_from_args(args) -> TrainConfig:
     if args.ema is not None and not 0 < args.ema < 1:
         raise StreamKWSError(f"--ema must be within (0, 1) (got {args.ema:g}); 0.999 "
                              "averages about the last thousand steps")
+    # --passes' range is checked with the rest of a backbone run (check_backbone).
     for flag, given, needs, other in (
-            ("--passes", args.passes != 12, args.backbone, "--backbone"),
-            ("--distill-weight", args.distill_weight != 0.5, args.teacher, "--teacher")):
+            ("--passes", args.passes != TrainConfig.passes, args.backbone, "--backbone"),
+            ("--distill-weight", args.distill_weight != TrainConfig.distill_weight,
+             args.teacher, "--teacher")):
         if given and not needs:
             raise StreamKWSError(f"{flag} goes with {other}; without it, it would do nothing")
     kwargs = {}
