@@ -162,9 +162,8 @@ class Publisher:
         self._auth: ThreadAuthenticator | None = None
         self.subscriptions = 0
         """Subscribe requests heard so far (each subscriber sends one per topic)."""
-        self.subscribers = 0
-        """Subscribers connected now (connections accepted, less those closed)."""
         self._peers: set[int] = set()
+        """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
         self.socket: zmq.Socket = self.context.socket(zmq.XPUB)
         # Watched from before the bind, so no subscriber can connect unseen.
@@ -305,7 +304,11 @@ class Publisher:
                 self._peers.add(evt["value"])
             elif evt["event"] == zmq.EVENT_DISCONNECTED:
                 self._peers.discard(evt["value"])
-            self.subscribers = len(self._peers)
+
+    @property
+    def subscribers(self) -> int:
+        """Subscribers connected now (as of the last look at the socket's events)."""
+        return len(self._peers)
 
     def wait_for_subscribers(self, n: int, timeout: float,
                              stop: threading.Event | None = None) -> bool:
@@ -412,10 +415,9 @@ def _prepare_ipc_path(endpoint: str) -> None:
     libzmq unlinks whatever sits at an ipc path before binding, which would silently steal
     the address from a running daemon (or delete a regular file); check first.
     """
-    raw = endpoint[len("ipc://"):]
-    if not raw or raw.startswith("@") or raw == "*":
-        return  # Linux abstract namespace or a libzmq-chosen temp path: no file to manage
-    path = Path(raw)
+    path = _ipc_file(endpoint)
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -461,12 +463,21 @@ def _prepare_ipc_path(endpoint: str) -> None:
 
 def _remove_ipc_file(endpoint: str) -> None:
     """Remove our socket file once closed (libzmq leaves it behind)."""
-    raw = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
-    if not raw or raw.startswith("@") or raw == "*":
+    path = _ipc_file(endpoint)
+    if path is None:
         return
     with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(Path(raw).lstat().st_mode):
-            Path(raw).unlink()
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+
+
+def _ipc_file(endpoint: str) -> Path | None:
+    """The socket file of an ``ipc://`` endpoint; None for other transports, the Linux
+    abstract namespace (``@name``) and a libzmq-chosen temporary path (``*``)."""
+    raw = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    if not raw or raw.startswith("@") or raw == "*":
+        return None
+    return Path(raw)
 
 
 def _bind_reason(exc: zmq.ZMQError, endpoint: str) -> str:
