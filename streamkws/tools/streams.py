@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,30 +165,36 @@ def _noise_bed(noise: list[np.ndarray], n: int, rng: np.random.Generator) -> np.
     return np.concatenate(parts)[:n].astype(np.float32)
 
 
-def write_wav(path: str | Path, x: np.ndarray) -> None:
-    # Written beside and renamed over: a link at ``path`` is replaced, never written
-    # through (it may point at a clip of the data set itself).
+@contextmanager
+def _written_beside(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write, renamed over ``path`` once written: a
+    link at ``path`` is replaced, never written through (it may point at a clip of the
+    data set itself), and a failed write leaves neither a half file nor the temporary."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with wave.open(str(tmp), "wb") as w:
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_wav(path: str | Path, x: np.ndarray) -> None:
+    with _written_beside(path) as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SR)
         w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
-    tmp.replace(path)
 
 
 def write_labels(path: str | Path, placed: list[Placed], keywords: set[str] | None = None) -> None:
     """CSV ``keyword,start,end`` (seconds), one row per keyword utterance."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")  # as write_wav: replace a link, not its target
-    with open(tmp, "w", newline="") as f:
+    with _written_beside(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["keyword", "start", "end"])
         for p in placed:
             if keywords is None or p.word in keywords:
                 w.writerow([p.word, f"{p.start:.3f}", f"{p.end:.3f}"])
-    tmp.replace(path)
 
 
 def read_labels(path: str | Path) -> list[Placed]:
