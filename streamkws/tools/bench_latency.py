@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +24,7 @@ import zmq
 from streamkws.config import Config
 from streamkws.daemon import Daemon, Overrides, apply_overrides
 from streamkws.data import KEYWORDS
+from streamkws.errors import StreamKWSError, exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,21 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    return exit_status("bench_latency", _bench_latency, args)
+
+
+def _bench_latency(args: argparse.Namespace) -> int:
     from streamkws.bundle import load_bundle
-    from streamkws.errors import StreamKWSError
     from streamkws.tools.streams import heldout_stream, score
 
-    try:
-        missing = [k for k in KEYWORDS if k not in load_bundle(args.model).labels]
-    except StreamKWSError as exc:
-        print(f"bench_latency: error: {exc}", file=sys.stderr)
-        return 2
+    missing = [k for k in KEYWORDS if k not in load_bundle(args.model).labels]
     if missing:
         # Its stream is of the ten Speech Commands words (held-out speakers).
-        print(f"bench_latency: error: {args.model} does not spot {', '.join(missing)}; this "
-              "benchmark replays the ten Speech Commands keywords (measure another model's "
-              "latency with `streamkws bench`)", file=sys.stderr)
-        return 2
+        raise StreamKWSError(f"{args.model} does not spot {', '.join(missing)}; this "
+                             "benchmark replays the ten Speech Commands keywords (measure "
+                             "another model's latency with `streamkws bench`)")
 
     with tempfile.TemporaryDirectory() as tmp:
         wav, truth = heldout_stream(args.data, Path(tmp) / "s.wav",
