@@ -494,10 +494,7 @@ def export(bundle: Bundle, fmt: str, out: str | Path, check_data: str | Path | N
         tolerance = FLOAT_TOLERANCE if bundle.quantization == "none" else QUANTIZED_TOLERANCE
     if not tolerance >= 0:
         raise StreamKWSError(f"--tolerance must be >= 0 (got {tolerance})")
-    out = Path(out)
-    if out.is_dir():
-        raise StreamKWSError(f"{out}: is a directory; give a file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, inputs=(bundle.path,))
     feats, checked_on = check_features(bundle, check_data, check_clips)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -546,7 +543,6 @@ def run(args: argparse.Namespace) -> int:
     if args.check_data is not None and not Path(args.check_data).is_dir():
         raise StreamKWSError(f"{args.check_data}: data folder not found")
     bundle = load_bundle(args.model)
-    check_output(args.out, inputs=(bundle.path,))
     r = export(bundle, args.format, args.out, args.check_data, args.check_clips,
                args.tolerance, args.mobile, args.opset)
     if args.json:
