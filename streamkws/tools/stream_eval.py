@@ -344,8 +344,9 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
         # bundled models): words no such model has trained on.
         ds = speaker_split(ds, *HELDOUT_SPLIT)[1]
     rng = np.random.default_rng(seed)
-    if not negative and keywords is not None and missing_keywords(ds):
-        raise StreamKWSError(f"no clips of {', '.join(missing_keywords(ds))} in --data "
+    missing = missing_keywords(ds) if not negative and keywords is not None else []
+    if missing:
+        raise StreamKWSError(f"no clips of {', '.join(missing)} in --data "
                              f"({'held-out speakers' if speakers == 'heldout' else 'all'})")
     keywords = sorted({it.label for it in ds.items} - {SILENCE, UNKNOWN})
     if not negative and not keywords:
@@ -547,7 +548,6 @@ def run(args: argparse.Namespace) -> int:
                 model = dataclasses.replace(model, name=str(Path(model.name).resolve()))
             tuned = cfg.replace(model=model, detect=dataclasses.replace(
                 written_detect, thresholds=cal["thresholds"]))
-            args.write_config.parent.mkdir(parents=True, exist_ok=True)
             args.write_config.write_text(dumps(tuned, header=(
                 f"streamkws daemon config written by `streamkws stream-eval "
                 f"--target-fa-per-hour {args.target_fa_per_hour:g}`\n"
