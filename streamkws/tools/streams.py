@@ -125,12 +125,12 @@ def build_stream(
         la, lb = max(0, a - pad), min(len(x), b + pad)
         context = max(pad, int(context_ms * SR / 1000))
         ca, cb = max(0, a - context), min(len(x), b + context)
-        level = np.sqrt(np.mean(x[la:lb].astype(np.float64) ** 2)) + 1e-9
-        x = x[ca:cb]
+        x, la, lb = x[ca:cb], la - ca, lb - ca  # the label, within the kept audio
         if word_dbfs is not None:
             target = word_dbfs + rng.uniform(-word_jitter_db, word_jitter_db)
-            x = x * (10 ** (target / 20) / level)
-        words.append((word, path, x.astype(np.float32), la - ca, lb - ca))
+            word_rms = np.sqrt(np.mean(x[la:lb].astype(np.float64) ** 2)) + 1e-9
+            x = x * (10 ** (target / 20) / word_rms)
+        words.append((word, path, x.astype(np.float32), la, lb))
     for word, path, x, la, lb in words:
         pieces.append((pos, x))
         placed.append(Placed(word, (pos + la) / SR, (pos + lb) / SR, str(path)))
