@@ -62,7 +62,8 @@ class FrontEnd:
         # straddling its end may need audio from the next chunk; judging early would make
         # the gate's answer depend on where chunks happen to end.
         self._held: deque[Window] = deque()
-        self._formed_until = -1  # windows ending here or before were another's to judge
+        # Windows ending here or before were the replaced front end's to judge (a reload).
+        self._predecessor_formed_until = -1
 
     def resume_at(self, position: int, formed_until: int | None = None) -> None:
         """Continue a stream at ``position`` (a replacement front end after a reload),
@@ -70,7 +71,7 @@ class FrontEnd:
         replaces formed those already."""
         self._expected = position
         self.windower.reset(position)
-        self._formed_until = -1 if formed_until is None else formed_until
+        self._predecessor_formed_until = -1 if formed_until is None else formed_until
 
     @property
     def next_window_start(self) -> int:
@@ -101,7 +102,7 @@ class FrontEnd:
         self._expected = chunk.end
         self.gate.push(chunk)
         self._held.extend(w for w in self.windower.push(self.features.process(chunk.samples))
-                          if w.end > self._formed_until)
+                          if w.end > self._predecessor_formed_until)
         limit = self.gate.decided_until
         while self._held and self._held[0].end <= limit:
             out.append(self._judge(self._held.popleft()))
