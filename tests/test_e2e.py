@@ -28,19 +28,25 @@ def run_daemon(source: str, endpoint: str, *extra: str, model: str = "default"
     )
 
 
+def fast_replay(wav, model: str, timeout: float = 240) -> Subscriber:
+    """``streamkws run --fast`` on ``wav``: what it published, as one subscriber heard it."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = Subscriber(endpoint, timeout=timeout)
+    sub.start()
+    proc = run_daemon(f"wav:{wav}", endpoint, "--fast", model=model)
+    sub.join(timeout + 10)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return sub
+
+
 @pytest.fixture(scope="module")
 def replay(request, data_dir, tmp_path_factory):
     """One fast replay of a ~5-minute held-out stream per bundled model (``request.param``),
     shared by the checks below."""
     wav, truth = heldout_stream(data_dir, tmp_path_factory.mktemp("e2e") / "stream.wav",
                                 n_per_keyword=3, n_unknown=45)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    sub = Subscriber(endpoint, timeout=240)
-    sub.start()
-    proc = run_daemon(f"wav:{wav}", endpoint, "--fast", model=request.param)
-    sub.join(250)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    sub = fast_replay(wav, request.param)
     sub.audio_seconds = os.path.getsize(wav) / 32000 - 44 / 32000  # 16-bit mono PCM
     return sub, truth, score(sub.detections(), truth, duration_s=sub.audio_seconds)
 
@@ -134,6 +140,13 @@ def test_realtime_microphone_path_hears_the_keywords(pulse_server, data_dir, tmp
     heard = {d["keyword"] for d in sub.detections()}
     expected = {p.word for p in truth if p.word in {"yes", "no", "up", "down", "left", "right",
                                                      "on", "off", "stop", "go"}}
-    assert len(heard & expected) >= 0.8 * len(expected), (sorted(heard), sorted(expected))
+    # What the model makes of this audio, from the file, deterministically: most keywords.
+    from_file = {d["keyword"] for d in fast_replay(wav, model, timeout=60).detections()}
+    assert len(from_file & expected) >= 0.8 * len(expected), (sorted(from_file),
+                                                              sorted(expected))
+    # The microphone path delivers that audio: it hears what the file replay heard. Capture
+    # starts at an arbitrary point, so windows fall elsewhere on the words, and a word that
+    # sits on the threshold may go either way: one such word may differ, not more.
+    assert len((from_file & expected) - heard) <= 1, (sorted(heard), sorted(from_file))
     assert sub.messages[-1][1].get("final") is True
     assert os.environ.get("PULSE_SERVER")
