@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5556"
 
+NOT_CONNECTED_WARN_S = 5.0
+"""After this long without a connection to the publisher, ``listen`` says so once: ZeroMQ
+keeps retrying in silence, and a daemon publishes status at least every 5 s, so by then
+a user watching an empty terminal deserves to know which of the two is quiet."""
+
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "handshake failed (is --server-key the publisher's public key?)"
@@ -82,8 +87,8 @@ def listen(
             sub.connect(connect)
         except zmq.ZMQError as exc:
             raise StreamKWSError(f"cannot connect to {connect}: {exc}") from None
-        _warn_if_unresolvable(connect)
-        return _loop(sub, monitor, connect, out, count, timeout)
+        told = _warn_if_unresolvable(connect)
+        return _loop(sub, monitor, connect, out, count, timeout, told_why=told)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -127,23 +132,28 @@ def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
 
 
 def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
-          count: int | None, timeout: float | None) -> int:
+          count: int | None, timeout: float | None, told_why: bool = False) -> int:
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
     received = 0
-    last = time.monotonic()
+    started = last = time.monotonic()
     warned: set[int] = set()
+    link = _Link(connect, started)
+    if told_why:  # the user already knows why no connection is coming
+        link.warn_at = None
     while True:
-        wait_ms: int | None = None
+        now = time.monotonic()
+        deadlines = [link.warn_at] if link.warn_at is not None else []
         if timeout is not None:
-            left = last + timeout - time.monotonic()
-            if left <= 0:
+            if last + timeout <= now:
                 return 0
-            wait_ms = max(1, int(left * 1000))
+            deadlines.append(last + timeout)
+        wait_ms = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
         events = dict(poller.poll(wait_ms))
         if monitor in events:
-            _handle_monitor(monitor, connect, warned)
+            _handle_monitor(monitor, connect, warned, link)
+        link.check(time.monotonic())
         if sub not in events:
             continue
         while True:
@@ -196,19 +206,47 @@ def _not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _warn_if_unresolvable(connect: str) -> None:
-    """ZeroMQ retries a host name it cannot resolve forever, with no event to report."""
+def _warn_if_unresolvable(connect: str) -> bool:
+    """ZeroMQ retries a host name it cannot resolve forever, with no event to report.
+    Returns whether it warned."""
     if not connect.startswith("tcp://"):
-        return
+        return False
     host = tcp_host(connect).strip("[]")
     try:
         socket.getaddrinfo(host, None)
     except (OSError, UnicodeError):
         log.warning("%s: cannot resolve host %r; still trying (ZeroMQ retries quietly)",
                     connect, host)
+        return True
+    return False
 
 
-def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int]) -> None:
+class _Link:
+    """Whether we have reached the publisher, and whether the user has been told we have not."""
+
+    def __init__(self, connect: str, started: float) -> None:
+        self.connect = connect
+        self.started = started
+        self.warn_at: float | None = started + NOT_CONNECTED_WARN_S
+        self.told = False
+
+    def check(self, now: float) -> None:
+        if self.warn_at is not None and now >= self.warn_at:
+            self.warn_at = None
+            self.told = True
+            log.warning("%s: not connected after %.0f s; still trying (is `streamkws run` "
+                        "publishing there?)", self.connect, now - self.started)
+
+    def connected(self, now: float) -> None:
+        self.warn_at = None
+        if self.told:  # the user saw the warning: say that it no longer holds
+            self.told = False
+            log.warning("%s: connected after %.0f s", self.connect, now - self.started)
+        else:
+            log.debug("connected to %s", self.connect)
+
+
+def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int], link: _Link) -> None:
     while True:
         try:
             evt = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -217,10 +255,11 @@ def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int]) -> None
         event = evt["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             warned.clear()
-            log.debug("connected to %s", connect)
+            link.connected(time.monotonic())
         elif event in _HANDSHAKE_FAILURES and event not in warned:
             # ZeroMQ retries forever and silently; say once why nothing arrives.
             warned.add(event)
+            link.warn_at = None  # this says why, more precisely than "not connected"
             log.warning("%s: %s", connect, _HANDSHAKE_FAILURES[event])
 
 

@@ -515,6 +515,77 @@ def test_listen_times_out_quietly_without_messages() -> None:
     assert 0.25 < time.monotonic() - t < 3 and out.getvalue() == ""
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_listen_says_once_that_it_has_not_reached_the_publisher(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("streamkws.listen.NOT_CONNECTED_WARN_S", 0.2)
+    out = io.StringIO()
+    # Nothing listens on port 1 of loopback: ZeroMQ retries in silence.
+    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=1.0) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["tcp://127.0.0.1:1: not connected after 0 s; still trying "
+                        "(is `streamkws run` publishing there?)"]
+    assert out.getvalue() == ""
+
+
+def test_listen_counts_a_server_that_never_speaks_zeromq_as_not_connected(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("streamkws.listen.NOT_CONNECTED_WARN_S", 0.2)
+    with socket.socket() as server:  # accepts the TCP connection, then says nothing
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        endpoint = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        assert listen(endpoint, [], None, None, out=io.StringIO(), timeout=0.8) == 0
+    assert f"{endpoint}: not connected after" in caplog.text
+
+
+def test_listen_says_when_a_late_publisher_is_reached_after_all(
+        ctx: zmq.Context, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("streamkws.listen.NOT_CONNECTED_WARN_S", 0.2)
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    pub = ctx.socket(zmq.PUB)
+    stop = threading.Event()
+
+    def start_late() -> None:
+        stop.wait(0.6)
+        pub.bind(endpoint)
+        while not stop.wait(0.02):
+            pub.send_multipart([b"status", json.dumps(a_status()).encode()])
+
+    t = threading.Thread(target=start_late, daemon=True)
+    t.start()
+    out = io.StringIO()
+    try:
+        assert listen(endpoint, [], None, None, out=out, count=1, timeout=5) == 0
+    finally:
+        stop.set()
+        t.join(5)
+        pub.close(linger=0)
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 2 and "not connected after" in messages[0]
+    assert messages[1].startswith(f"{endpoint}: connected after")
+    assert json.loads(out.getvalue())["type"] == "status"
+
+
+def test_listen_is_silent_about_a_publisher_it_reaches_at_once(
+        make_pub: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("streamkws.listen.NOT_CONNECTED_WARN_S", 0.5)
+    pub = make_pub()
+    with Background(pub):
+        # Past the warning's time, so a connection that did not count would show.
+        assert listen(pub.endpoint, ["nosuchtopic"], None, None, out=io.StringIO(),
+                      timeout=1.0) == 0
+    assert not [r for r in caplog.records
+                if r.name == "streamkws.listen" and r.levelname == "WARNING"]
+
+
 def test_listen_key_errors_are_user_errors(tmp_path: Path,
                                            keys: dict[str, tuple[Path, Path]]) -> None:
     with pytest.raises(StreamKWSError, match="--server-key"):
