@@ -332,6 +332,14 @@ class Daemon:
             self.publisher.close()
             self._restore_signals()
 
+    def _short_of_subscribers(self) -> str:
+        want, pub = self.wait_subscribers, self.publisher
+        # Connections, not subscriptions: one subscriber to two topics sends two.
+        if pub.subscribers < want:
+            return f"only {pub.subscribers} of {want} subscribers connected"
+        return (f"{pub.subscribers} subscribers connected but only {pub.subscriptions} "
+                f"subscriptions of the {want} needed")
+
     def _serve(self) -> int:
         if self._stop.is_set():  # asked to stop while the model was loading
             return 0
@@ -344,8 +352,8 @@ class Daemon:
                 self.wait_subscribers, self.wait_timeout, stop=self._stop):
             if self._stop.is_set():
                 return 0
-            log.warning("only %d of %d subscribers after %.0f s; starting anyway",
-                        self.publisher.subscriptions, self.wait_subscribers, self.wait_timeout)
+            log.warning("%s after %.0f s; starting anyway", self._short_of_subscribers(),
+                        self.wait_timeout)
         if isinstance(self.source, MicSource):
             # A device that cannot open now may appear later (a USB microphone plugged in,
             # the sound server still starting): retried like an outage, never fatal.

@@ -361,3 +361,29 @@ def test_sigterm_during_start_up_is_a_clean_stop_not_a_kill(tmp_path):
     assert "Traceback" not in err and "listening on" not in err
     assert any("STOPPING=1" in m for m in notify.messages())
     sub.join(0.1)
+
+
+def test_giving_up_on_subscribers_counts_connections_not_their_subscriptions(tmp_path,
+                                                                              caplog):
+    """One subscriber to both topics sends two subscriptions; waiting for two subscribers
+    must still say that only one came."""
+    import zmq
+
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
+                                                        publish=endpoint))
+    daemon = Daemon(cfg, echo=None, wait_subscribers=2, wait_timeout=1.0)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.connect(endpoint)
+        for topic in (b"detection", b"status"):
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        assert daemon.run() == 0
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+    assert "only 1 of 2 subscribers connected after 1 s; starting anyway" in caplog.text
