@@ -163,8 +163,11 @@ def _load_folders(root: Path, labels: Sequence[str]) -> Dataset:
             if path.suffix.lower() not in AUDIO_SUFFIXES:
                 continue
             word = folder.name
-            if word == UNKNOWN and "_" in path.stem.split("_nohash_")[0]:
-                word = path.stem.split("_", 1)[0]  # _unknown_/bed_0c540988_nohash_0.wav
+            before_speaker = path.stem.split("_nohash_")[0]
+            if word == UNKNOWN and "_" in before_speaker:
+                # _unknown_/bed_0c540988_nohash_0.wav; everything before the speaker, so
+                # _unknown_/follow_up_0c540988_nohash_0.wav is "follow_up", not "follow".
+                word = before_speaker.rsplit("_", 1)[0]
             # An "other word" that is one of this label set's keywords is that keyword
             # (custom keywords: Speech Commands files "marvin" under _unknown_).
             spoken = _word_to_label(word, labels)

@@ -30,6 +30,20 @@ def test_labelled_folders_read_with_silence_and_unknown(speech_dir):
     assert {"bed", "backward"} <= {it.word for it in unknown}
 
 
+def test_an_other_words_word_is_everything_before_its_speaker(tmp_path, speech_dir):
+    clip = sorted((speech_dir / "yes").glob("*.wav"))[0]
+    for name in ("yes/0c540988_nohash_0.wav", "_unknown_/bed_0c540988_nohash_0.wav",
+                 "_unknown_/follow_up_0c540988_nohash_0.wav"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(clip, tmp_path / name)
+    ds = load_dataset(tmp_path, labels=["yes", "_unknown_"])
+    assert sorted((it.word, it.label) for it in ds.items) == [
+        ("bed", "_unknown_"), ("follow_up", "_unknown_"), ("yes", "yes")]
+    # A custom keyword spelt with an underscore is found among the other words too.
+    custom = load_dataset(tmp_path, labels=["follow_up", "_unknown_"])
+    assert ("follow_up", "follow_up") in {(it.word, it.label) for it in custom.items}
+
+
 def test_folders_outside_the_label_set_become_unknown(data_dir):
     ds = load_dataset(data_dir / "speech_commands_v1_train_sample")
     assert {it.word for it in ds.items if it.label == "_unknown_"} >= {"bed", "marvin"}
