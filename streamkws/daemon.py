@@ -37,6 +37,7 @@ from streamkws.config import Config, load_default
 from streamkws.detect import Detection, Smoother
 from streamkws.errors import StreamKWSError
 from streamkws.frontend import FrontEnd, GatedWindow
+from streamkws.stdio import silence_stdout
 
 log = logging.getLogger(__name__)
 
@@ -430,8 +431,16 @@ class Daemon:
         self.publisher.publish("detection", msg)
         self.detections += 1
         if self.echo is not None:
-            self.echo.write(json.dumps(msg) + "\n")
-            self.echo.flush()
+            try:
+                self.echo.write(json.dumps(msg) + "\n")
+                self.echo.flush()
+            except BrokenPipeError:
+                # Whoever read our stdout left (`streamkws run | head -1`): stop as the
+                # producer of a pipeline does, but cleanly, with the final status sent.
+                log.info("standard output was closed; stopping")
+                silence_stdout(self.echo)
+                self.echo = None
+                self.request_stop()
 
     def counters(self) -> dict:
         p = self.pipeline

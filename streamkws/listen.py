@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -23,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from streamkws.config import tcp_host, tcp_port_problem
 from streamkws.errors import StreamKWSError
+from streamkws.stdio import silence_stdout
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
                 out.write(line + "\n")
                 out.flush()
             except BrokenPipeError:
-                _silence_stdout(out)
+                silence_stdout(out)
                 return 0
             received += 1
             if count is not None and received >= count:
@@ -261,15 +261,6 @@ def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int], link: _
             warned.add(event)
             link.warn_at = None  # this says why, more precisely than "not connected"
             log.warning("%s: %s", connect, _HANDSHAKE_FAILURES[event])
-
-
-def _silence_stdout(out: TextIO) -> None:
-    # The reader went away (``listen | head``): point stdout at /dev/null so Python's exit
-    # flush does not complain about the broken pipe.
-    if out is sys.stdout:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 def _positive_int(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -178,6 +179,30 @@ def test_demo_prints_detections_as_json_lines(tmp_path):
     found = [json.loads(line)["keyword"] for line in r.stdout.splitlines()]
     # demo.csv lists the ten keywords; a newcomer should see nearly all of them.
     assert len(set(found)) >= 8, found
+
+
+def test_a_reader_that_leaves_stops_the_daemon_cleanly(tmp_path):
+    """`streamkws run | head -1`: the daemon stops as a pipeline's producer does, with no
+    traceback, exit 0, and its final status still published."""
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=60)
+    sub.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamkws", "run", "--source", "demo", "--realtime",
+         "--publish", endpoint, "--wait-subscribers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    assert json.loads(first)["type"] == "detection"
+    proc.stdout.close()  # the reader leaves; the next detection meets a broken pipe
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err == ""
+    sub.join(10)
+    detections = [m for _, m, _ in sub.messages if m["type"] == "detection"]
+    last = sub.messages[-1][1]
+    assert last["type"] == "status" and last["final"] is True and "error" not in last
+    # It stopped at the second detection, not at the end of the 25-s recording.
+    assert len(detections) == 2 and last["audio_seconds"] < 20
 
 
 # -- reloads that lose nothing --------------------------------------------------------------
