@@ -303,6 +303,10 @@ def make_permanent(net: nn.Module) -> None:
             tprune.remove(m, "weight")
 
 
+LARGE_DROP = 0.05
+"""A validation accuracy drop (absolute) after magnitude pruning that is worth a warning."""
+
+
 def magnitude_prune(bundle: Bundle, cfg: PruneConfig,
                     data: PruneData | None = None) -> PruneResult:
     model = copy.deepcopy(bundle.model).eval()
@@ -316,6 +320,14 @@ def magnitude_prune(bundle: Bundle, cfg: PruneConfig,
         report["accuracy_pruned"] = round(accuracy(model, data.val_feats, data.val_y), 4)
         _say(cfg, f"accuracy {report['accuracy_unpruned']:.4f} unpruned, "
                   f"{report['accuracy_pruned']:.4f} at sparsity {cfg.sparsity:g}")
+        drop = report["accuracy_unpruned"] - report["accuracy_pruned"]
+        if drop > LARGE_DROP and not cfg.finetune:
+            # Small networks lose much to zeroed weights (MobileNetV2's 3x3 depthwise
+            # filters have 9 weights each). The bundle asked for is still written, but a
+            # near-useless model must not pass in silence.
+            log.warning("accuracy fell from %.4f to %.4f at sparsity %g: fine-tune "
+                        "(--finetune N, with --data and --noise) or prune less",
+                        report["accuracy_unpruned"], report["accuracy_pruned"], cfg.sparsity)
     if cfg.finetune:
         assert data is not None
         report["finetune"] = finetune(model, data, bundle, cfg)
