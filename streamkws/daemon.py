@@ -13,12 +13,14 @@ and stdin still end the run on an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -205,6 +207,15 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
     return cfg.replace(audio=audio, model=model, publish=publish)
 
 
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """Puts the config key (or option) that gave a value in front of an error about it."""
+    try:
+        yield
+    except StreamKWSError as exc:
+        raise StreamKWSError(f"{key}: {exc}") from None
+
+
 class Daemon:
     def __init__(
         self,
@@ -234,9 +245,11 @@ class Daemon:
             self.wait_subscribers = wait_subscribers
             self.wait_timeout = wait_timeout
             torch.set_num_threads(cfg.model.threads)
-            self.bundle = load_bundle(cfg.model.name)
+            self.bundle = self._load_bundle(cfg)
             self.pipeline = Pipeline(cfg, self.bundle)
-            self.source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+            with _naming("--source" if self.overrides.source is not None else "audio.source"):
+                self.source = open_source(cfg.audio.source, cfg.audio.realtime,
+                                          cfg.audio.block_ms)
             if isinstance(self.source, MicSource):
                 load_portaudio()  # a missing library is a start-up error, not an outage to wait out
             self.supervisor: SourceSupervisor | None = None
@@ -285,6 +298,10 @@ class Daemon:
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
+    def _load_bundle(self, cfg: Config) -> Bundle:
+        with _naming("--model" if self.overrides.model is not None else "model.name"):
+            return load_bundle(cfg.model.name)
+
     def reload(self) -> bool:
         """Re-read the config and model; on any error keep running the old ones."""
         self.notifier.reloading()
@@ -292,7 +309,7 @@ class Daemon:
             loaded = apply_overrides(load_default(self.config_path), self.overrides)
             # The device and the socket stay open, so their settings stay too.
             new = loaded.replace(audio=self.cfg.audio, publish=self.cfg.publish)
-            bundle = load_bundle(new.model.name)
+            bundle = self._load_bundle(new)
             pipeline = Pipeline(new, bundle)
         except StreamKWSError as exc:
             log.error("reload rejected, still running the previous configuration: %s", exc)

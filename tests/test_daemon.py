@@ -145,9 +145,9 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--source", "wav:/nonexistent.wav"], "/nonexistent.wav: cannot open"),
-        (["--source", "bogus"], "unknown audio source 'bogus'"),
-        (["--model", "/nonexistent.skw"], "no such model bundle"),
+        (["--source", "wav:/nonexistent.wav"], "--source: /nonexistent.wav: cannot open"),
+        (["--source", "bogus"], "--source: unknown audio source 'bogus'"),
+        (["--model", "/nonexistent.skw"], "--model: /nonexistent.skw: no such model bundle"),
         (["--publish", "udp://x"], "publish.endpoint"),
     ],
 )
@@ -158,6 +158,21 @@ def test_start_up_errors_are_one_line_without_traceback(args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[audio]\nsource = "bogus"\n', "audio.source: unknown audio source 'bogus'"),
+    ('[audio]\nsource = "wav:/nonexistent.wav"\n', "audio.source: /nonexistent.wav: cannot"),
+    ('[model]\nname = "nosuch"\n', "model.name: nosuch: no such model bundle"),
+])
+def test_a_config_value_that_names_nothing_usable_is_named_by_its_key(tmp_path, toml,
+                                                                       message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
 
 
 def test_a_bad_config_key_is_named(tmp_path):
