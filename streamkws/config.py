@@ -199,10 +199,11 @@ class PublishConfig:
     knows the server's public key."""
 
     def validate(self, prefix: str = "publish") -> PublishConfig:
-        if not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        # Not inproc://: no subscriber outside this process could ever reach it.
+        if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(
                 f"{prefix}.endpoint",
-                f"must start with tcp://, ipc:// or inproc:// (got {self.endpoint!r})",
+                f"must start with tcp:// or ipc:// (got {self.endpoint!r})",
             )
         problem = tcp_port_problem(self.endpoint)
         if problem:

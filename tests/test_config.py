@@ -33,6 +33,9 @@ def test_a_toml_file_overrides_only_what_it_names(tmp_path):
         ("[audio]\nrealtime = 1\n", "audio.realtime", "true or false"),
         ("[audio]\nring_seconds = 0.1\n", "audio.ring_seconds", "within"),
         ("vad = 3\n", "vad", "must be a table"),
+        # Only this process could subscribe to it: a publisher nobody can reach.
+        ("[publish]\nendpoint = 'inproc://kws'\n", "publish.endpoint",
+         "must start with tcp:// or ipc://"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, toml, key, why):
