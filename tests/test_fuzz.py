@@ -542,9 +542,11 @@ def _feed(pipeline: Pipeline, audio: np.ndarray, sizes: list[int], start: int = 
 
 
 def _check_detections(dets, bundle: Bundle, cfg: Config, end: int) -> None:
+    detect = cfg.detect.for_model(bundle.threshold)  # unset: the bundle's calibrated one
     for d in dets:
-        assert d.keyword in bundle.labels and d.keyword not in cfg.detect.ignore
-        assert np.isfinite(d.score) and cfg.detect.threshold <= d.score <= 1.0 + 1e-6
+        assert d.keyword in bundle.labels and d.keyword not in detect.ignore
+        threshold = detect.thresholds.get(d.keyword, detect.threshold)
+        assert np.isfinite(d.score) and threshold <= d.score <= 1.0 + 1e-6
         assert 0 <= d.start < d.end <= d.emit <= end
 
 
