@@ -264,7 +264,34 @@ def load(path: str | Path) -> Config:
         raise ConfigFileError(str(p), f"not valid TOML ({exc})") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and tables
         raise ConfigFileError(str(p), "not valid TOML (nested too deeply)") from None
-    return parse(data)
+    return relative_to(parse(data), p.parent)
+
+
+def relative_to(cfg: Config, folder: Path) -> Config:
+    """``cfg`` with its relative file paths taken from ``folder`` (the config file's).
+
+    A service runs in ``/``, a user in a shell somewhere else: a path that meant the
+    working directory would name different files for each. Paths are ``model.name`` when
+    it is a path rather than a bundled model's name (it holds a '/' or has a suffix, as
+    ``.skw``), ``audio.source``'s ``wav:<path>``, and the two CURVE key paths; ``~`` is
+    the home folder of whoever runs the daemon.
+    """
+    folder = folder.resolve()
+
+    def fix(path: str) -> str:
+        if not path:
+            return path
+        expanded = Path(path).expanduser()
+        return str(expanded if expanded.is_absolute() else folder / expanded)
+
+    model, audio, publish = cfg.model, cfg.audio, cfg.publish
+    if "/" in model.name or Path(model.name).suffix:
+        model = dataclasses.replace(model, name=fix(model.name))
+    if audio.source.startswith("wav:"):
+        audio = dataclasses.replace(audio, source="wav:" + fix(audio.source[4:]))
+    publish = dataclasses.replace(publish, curve_secret_key=fix(publish.curve_secret_key),
+                                  curve_authorized_keys=fix(publish.curve_authorized_keys))
+    return cfg.replace(model=model, audio=audio, publish=publish)
 
 
 def find_config_file(explicit: str | Path | None = None) -> Path | None:

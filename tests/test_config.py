@@ -1,5 +1,7 @@
 """Configuration: typed, validated at start-up, every bad value names its key."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,6 +56,28 @@ def test_unparseable_and_missing_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file") as exc:
         config.load(tmp_path / "missing.toml")
     assert str(exc.value).startswith(f"{tmp_path / 'missing.toml'}: ")  # a file, not a key
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    folder = folder.resolve()
+    p = folder / "c.toml"
+    p.write_text('[audio]\nsource = "wav:rec/a.wav"\n[model]\nname = "models/my.skw"\n'
+                 '[publish]\ncurve_secret_key = "keys/server.key_secret"\n'
+                 'curve_authorized_keys = "/abs/clients"\n')
+    cfg = config.load(p)
+    assert cfg.audio.source == f"wav:{folder}/rec/a.wav"
+    assert cfg.model.name == f"{folder}/models/my.skw"
+    assert cfg.publish.curve_secret_key == f"{folder}/keys/server.key_secret"
+    assert cfg.publish.curve_authorized_keys == "/abs/clients"
+    # A bundled model's name, a file name with a suffix, and a home-relative path.
+    p.write_text('[model]\nname = "accurate"\n[audio]\nsource = "mic:USB"\n')
+    assert (config.load(p).model.name, config.load(p).audio.source) == ("accurate", "mic:USB")
+    p.write_text('[model]\nname = "my.skw"\n')
+    assert config.load(p).model.name == f"{folder}/my.skw"
+    p.write_text('[model]\nname = "~/my.skw"\n')
+    assert config.load(p).model.name == str(Path.home() / "my.skw")
 
 
 def test_search_order_is_flag_then_environment_then_system(tmp_path, monkeypatch):
