@@ -208,11 +208,14 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
 
 
 @contextlib.contextmanager
-def _naming(key: str) -> Iterator[None]:
-    """Puts the config key (or option) that gave a value in front of an error about it."""
+def _naming(key: str | None) -> Iterator[None]:
+    """Puts the config key that gave a value in front of an error about it; ``None`` for a
+    value typed on the command line, which the user has just seen."""
     try:
         yield
     except StreamKWSError as exc:
+        if key is None:
+            raise
         raise StreamKWSError(f"{key}: {exc}") from None
 
 
@@ -247,7 +250,7 @@ class Daemon:
             torch.set_num_threads(cfg.model.threads)
             self.bundle = self._load_bundle(cfg)
             self.pipeline = Pipeline(cfg, self.bundle)
-            with _naming("--source" if self.overrides.source is not None else "audio.source"):
+            with _naming(None if self.overrides.source is not None else "audio.source"):
                 self.source = open_source(cfg.audio.source, cfg.audio.realtime,
                                           cfg.audio.block_ms)
             if isinstance(self.source, MicSource):
@@ -299,7 +302,7 @@ class Daemon:
         self._previous_handlers = {}
 
     def _load_bundle(self, cfg: Config) -> Bundle:
-        with _naming("--model" if self.overrides.model is not None else "model.name"):
+        with _naming(None if self.overrides.model is not None else "model.name"):
             return load_bundle(cfg.model.name)
 
     def reload(self) -> bool:

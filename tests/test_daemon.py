@@ -145,9 +145,9 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--source", "wav:/nonexistent.wav"], "--source: /nonexistent.wav: cannot open"),
-        (["--source", "bogus"], "--source: unknown audio source 'bogus'"),
-        (["--model", "/nonexistent.skw"], "--model: /nonexistent.skw: no such model bundle"),
+        (["--source", "wav:/nonexistent.wav"], "error: /nonexistent.wav: cannot open"),
+        (["--source", "bogus"], "error: unknown audio source 'bogus'"),
+        (["--model", "/nonexistent.skw"], "error: /nonexistent.skw: no such model bundle"),
         (["--publish", "udp://x"], "publish.endpoint"),
     ],
 )
