@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -318,6 +319,22 @@ def test_user_errors(tiny_bundle) -> None:
         P.prune_bundle(bc, P.PruneConfig(method="structured", data=tiny_bundle.path.parent))
     # Magnitude pruning is architecture-independent.
     assert P.prune_bundle(bc, P.PruneConfig(sparsity=0.3)).report["achieved_sparsity"] > 0.29
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "-3"], "--threads must be within 0..1024 (got -3)"),
+    (["--lr", "-1", "--finetune", "1"], "--lr must be within (0, 1] (got -1.0)"),
+    (["--lr", "nan", "--finetune", "1"], "--lr must be within (0, 1] (got nan)"),
+])
+def test_bad_numbers_are_refused_before_any_pruning(tiny_bundle, small_data, tmp_path,
+                                                    argv, message) -> None:
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_bundle.path), "--data", str(small_data),
+                              "--out", str(tmp_path / "x.skw"), *argv])
+    with pytest.raises(StreamKWSError, match=re.escape(message)):
+        P.run(args)
+    assert not (tmp_path / "x.skw").exists()
 
 
 def test_pruning_decides_on_the_models_own_validation_speakers_whatever_its_seed(

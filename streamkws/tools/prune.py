@@ -122,6 +122,9 @@ class PruneConfig:
                                  f"(got {self.criterion!r})")
         if self.finetune < 0:
             raise StreamKWSError(f"--finetune must be >= 0 epochs (got {self.finetune})")
+        # "not within" rather than "outside": NaN must fail too, and before pruning runs.
+        if not 0.0 < self.lr <= 1.0:
+            raise StreamKWSError(f"--lr must be within (0, 1] (got {self.lr})")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise StreamKWSError(f"--val-fraction must be in (0, 1) (got {self.val_fraction})")
         if self.method == "structured" and self.data is None:
@@ -981,6 +984,9 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if not 0 <= args.threads <= 1024:
+        raise StreamKWSError(f"--threads must be within 0..1024 (got {args.threads}) "
+                             "(0: torch's choice)")
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model)
