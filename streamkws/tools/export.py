@@ -297,6 +297,12 @@ def export_onnx(bundle: Bundle, out: Path, opset: int | None = None) -> list[str
             raise StreamKWSError(f"--opset {opset}: torch {torch.__version__.split('+')[0]}'s "
                                  f"exporter writes opset {DYNAMO_MIN_OPSET} or later; leave "
                                  "--opset out or ask for one of those")
+        newest = onnx.defs.onnx_opset_version()
+        if opset > newest:
+            # Also found before the exporter tries, for the same reason.
+            raise StreamKWSError(f"--opset {opset}: the installed onnx {onnx.__version__} "
+                                 f"knows opsets up to {newest}; leave --opset out or ask "
+                                 "for one of those")
         kwargs["opset_version"] = opset
     with quiet_export(), torch.no_grad():
         if static:
@@ -320,9 +326,8 @@ def export_onnx(bundle: Bundle, out: Path, opset: int | None = None) -> list[str
         # The exporter falls back to its own opset when it cannot convert, and says so
         # only in a logged traceback.
         raise StreamKWSError(f"--opset {opset}: torch {torch.__version__.split('+')[0]} "
-                             f"could not export at that opset (it wrote opset {wrote}); its "
-                             f"exporter writes opset {wrote} or later, so leave --opset out "
-                             "or ask for one of those")
+                             f"could not export at that opset (it wrote opset {wrote} "
+                             "instead); leave --opset out or ask for another")
     meta = metadata(bundle, "onnx")
     onnx.helper.set_model_props(m, {
         EXTRA_FILE: json.dumps(meta),
