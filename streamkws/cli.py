@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from streamkws.tools.train import config_from_args, describe, train
 
     cfg = config_from_args(args)
-    check_output(cfg.out, inputs=(args.init,))
+    check_output(cfg.out, inputs=(args.init, cfg.teacher, cfg.backbone))
     cfg.check_backbone()
     for d in cfg.data + cfg.extra:
         if not d.is_dir():

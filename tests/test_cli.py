@@ -51,7 +51,9 @@ def test_no_tool_writes_its_result_over_its_own_input(tmp_path, capsys):
     for argv in (["export", "--model", str(model), "--format", "onnx", "--out", str(model)],
                  ["prune", "--model", str(model), "--sparsity", "0.5", "--out", str(model)],
                  ["quantize", "--model", str(model), "--mode", "dynamic", "--out", str(model)],
-                 ["ensemble", "--model", str(model), "--warp", "0.1:3", "--out", str(model)]):
+                 ["ensemble", "--model", str(model), "--warp", "0.1:3", "--out", str(model)],
+                 ["train", "--data", str(tmp_path), "--teacher", str(model),
+                  "--out", str(model)]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "would overwrite an input" in err, argv
