@@ -286,15 +286,31 @@ def resolve_model(spec: str | Path) -> Path:
     return path
 
 
+def _what_it_is(data: bytes) -> str:
+    if not data:
+        return "an empty file"
+    if data.startswith(b"PK\x03\x04"):
+        return "a torch or zip file, but not one with a bundle's contents"
+    if data.startswith(b"RIFF"):
+        return "it looks like a WAV file"
+    head = data[:512].decode("utf-8", errors="replace")
+    if all(c.isprintable() or c in "\t\r\n" for c in head):
+        return "it looks like a text file"
+    return "not a torch file"
+
+
 def load_bundle(spec: str | Path) -> Bundle:
     path = resolve_model(spec)
     data = path.read_bytes()
     try:
         with _quiet_loading():
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StreamKWSError(f"{path}: not a streamkws model bundle ({first[:200]})") from None
+    except Exception:  # torch raises many types for foreign or unsafe files
+        # Not torch's own text: it is about pickles ("pop from empty list", "101") or, for
+        # a torch file holding code, advises turning weights_only off, which a file that
+        # is not ours must never get.
+        raise StreamKWSError(f"{path}: not a streamkws model bundle "
+                             f"({_what_it_is(data)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise StreamKWSError(f"{path}: not a streamkws model bundle")
     if obj.get("version", 0) > VERSION:

@@ -158,3 +158,20 @@ def test_a_class_with_nothing_to_measure_has_no_recall_rather_than_zero():
     row = next(line for line in format_report(m).splitlines() if line.startswith("no "))
     assert row.split() == ["no", "-", "-", "-", "0"]
     json.dumps(m, allow_nan=False)
+
+
+@pytest.mark.parametrize(("make", "what"), [
+    (lambda p: p.write_text("hello\n"), "it looks like a text file"),
+    (lambda p: p.write_bytes(b""), "an empty file"),
+    (lambda p: p.write_bytes(b"RIFF" + bytes(100)), "it looks like a WAV file"),
+    (lambda p: __import__("torch").save({"net": __import__("torch").nn.Linear(2, 2)}, p),
+     "a torch or zip file, but not one with a bundle's contents"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 4), "not a torch file"),
+])
+def test_a_file_that_is_not_a_bundle_is_named_as_what_it_is(tmp_path, capsys, make, what):
+    """Never torch's own text: a pickled module would get advice to load it unsafely."""
+    bad = tmp_path / "bad.skw"
+    make(bad)
+    assert main(["run", "--model", str(bad), "--source", "demo", "--fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"streamkws run: error: {bad}: not a streamkws model bundle ({what})"
