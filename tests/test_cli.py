@@ -102,6 +102,19 @@ def test_audit_data_lists_at_least_one_clip(tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize(("argv", "line"), [
+    (["listen", "--count", "0"], "streamkws listen: error: argument --count: must be at least "
+                                 "1 (got 0) (see 'streamkws listen --help')"),
+    (["trian"], "streamkws: error: argument COMMAND: invalid choice: 'trian'"),
+    (["run", "--fats"], "streamkws: error: unrecognized arguments: --fats"),
+])
+def test_a_command_line_argparse_refuses_is_one_line_too(capsys, argv, line):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--sweep", "--data", ".", "--mode", "static"], "--mode do(es) not apply"),
     (["quantize", "--sweep", "--data", ".", "--calib-clips", "0"], "--calib-clips must be"),
