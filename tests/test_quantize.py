@@ -242,10 +242,17 @@ def test_options_of_other_modes_are_refused(tiny_bundle):
         qz.quantize(tiny_bundle, "dynamic", engine="qnnpack")
 
 
-def test_already_quantized_bundle_points_to_default_float(tiny_bundle):
+def test_an_already_quantized_bundle_points_to_its_own_float_version(tiny_bundle):
     q = qz.quantize(tiny_bundle, "dynamic")
-    with pytest.raises(StreamKWSError, match="already quantized.*default-float"):
+    with pytest.raises(StreamKWSError,
+                       match=r"already quantized \(dynamic\); quantize its float version "
+                             r"instead$"):
         qz.quantize(q, "static")
+    # The shipped ones: default has a float twin; accurate ships only quantized.
+    with pytest.raises(StreamKWSError, match=r"instead \(--model default-float\)$"):
+        qz.quantize(load_bundle("default"), "static")
+    with pytest.raises(StreamKWSError, match="accurate ships only quantized"):
+        qz.quantize(load_bundle("accurate"), "static")
 
 
 def test_unsupported_engine_is_refused_when_quantizing_and_loading(tiny_bundle, small_data,

@@ -355,9 +355,14 @@ def quantize(
     if mode not in MODES:
         raise StreamKWSError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
     if bundle.quantization != "none":
+        # Only "default" ships a float twin; "accurate" ships quantized only.
+        hint = {"default": " (--model default-float)",
+                "accurate": " (accurate ships only quantized: a float pair is "
+                            "'streamkws ensemble --model default-float --model HEAD.skw', "
+                            "HEAD.skw a float speech-embedding head)"}.get(bundle.name, "")
         raise StreamKWSError(
             f"model '{bundle.name}' is already quantized ({bundle.quantization}); quantize "
-            "its float version instead (for the shipped model: --model default-float)")
+            f"its float version instead{hint}")
     dynamic, static, skip = list(dynamic), list(static), list(skip)
     if mode != "mixed" and (dynamic or static):
         raise StreamKWSError("--dynamic and --static choose per submodule: use --mode mixed")
