@@ -337,6 +337,15 @@ def test_bad_numbers_are_refused_before_any_pruning(tiny_bundle, small_data, tmp
     assert not (tmp_path / "x.skw").exists()
 
 
+def test_data_without_one_readable_clip_is_named_as_such(tiny_bundle, tmp_path) -> None:
+    for i, label in enumerate(["yes", "no", "_unknown_"]):
+        (tmp_path / label).mkdir()
+        for k in range(3):
+            (tmp_path / label / f"{i}{k}abcd_nohash_0.wav").write_bytes(b"RIFF junk")
+    with pytest.raises(StreamKWSError, match=f"^{re.escape(str(tmp_path))}: no readable clips$"):
+        P.prune_bundle(tiny_bundle, P.PruneConfig(method="structured", data=tmp_path))
+
+
 def test_pruning_decides_on_the_models_own_validation_speakers_whatever_its_seed(
         tiny_bundle, small_data):
     """The fine-tuning --seed must not pick the split: a model's training speakers would

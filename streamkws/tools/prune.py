@@ -198,6 +198,8 @@ def load_prune_data(bundle: Bundle, cfg: PruneConfig, train_clips: int | None) -
     cache = ClipCache()
     xva, val_ds = cache.load_all(val_ds)
     xtr, train_ds = cache.load_all(train_ds)
+    if len(val_ds) + len(train_ds) == 0:  # say so before blaming the split
+        raise StreamKWSError(f"{cfg.data}: no readable clips")
     if len(val_ds) == 0 and own:
         raise StreamKWSError(f"{cfg.data}: none of the model's validation speakers is in it "
                              "(it holds only speakers the model trained on?); split it your "
