@@ -314,6 +314,7 @@ def test_a_teacher_with_other_labels_is_refused(tiny_bundle, small_data, tmp_pat
     (["--unknown-share", "2"], "--unknown-share must be within [0, 1)"),
     (["--reverse-as-unknown", "1.5"], "--reverse-as-unknown must be within [0, 1]"),
     (["--max-minutes", "-1"], "--max-minutes must be above 0"),
+    (["--keywords", ""], "--keywords: expected comma-separated words"),
     (["--passes", "3"], "--passes goes with --backbone"),
     (["--distill-weight", "0.3"], "--distill-weight goes with --teacher"),
 ])

@@ -674,7 +674,7 @@ def config_from_args(args) -> TrainConfig:
         patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed, split_seed=args.split_seed,
         name=args.name or Path(args.out).stem, augment=aug, threads=args.threads,
-        labels=labels_for(args.keywords.split(",") if args.keywords else None),
+        labels=labels_for(args.keywords.split(",") if args.keywords is not None else None),
         progress=not args.quiet, max_minutes=args.max_minutes,
         unknown_share=args.unknown_share,
         teacher=Path(args.teacher) if args.teacher else None,
