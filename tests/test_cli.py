@@ -84,6 +84,20 @@ def test_predict_gives_every_clip_its_own_picture_even_when_names_repeat(tmp_pat
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["no_a.png", "yes_a.png"]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--format", "onnx", "--no-mobile"],
+     "--no-mobile applies to --format torchscript, not onnx"),
+    (["--format", "torchscript", "--opset", "18"],
+     "--opset applies to --format onnx, not torchscript"),
+])
+def test_an_export_option_of_the_other_format_is_refused_not_ignored(tmp_path, capsys,
+                                                                     argv, message):
+    out = tmp_path / "m.bin"
+    assert main(["export", "--model", "default-float", *argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"streamkws export: error: {message}"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("opset", "why"), [("3", "writes opset 18 or later"),
                                             ("999", "knows opsets up to")])
 def test_an_onnx_opset_the_exporter_cannot_write_is_an_error_not_a_silent_other_one(

@@ -495,6 +495,11 @@ def export(bundle: Bundle, fmt: str, out: str | Path, check_data: str | Path | N
         raise StreamKWSError(f"unknown export format {fmt!r} (choose {', '.join(FORMATS)})")
     if check_clips < 1:
         raise StreamKWSError(f"--check-clips must be >= 1 (got {check_clips})")
+    # An option of the other format would be ignored; the user meant something by it.
+    if fmt == "onnx" and not mobile:
+        raise StreamKWSError("--no-mobile applies to --format torchscript, not onnx")
+    if fmt == "torchscript" and opset is not None:
+        raise StreamKWSError("--opset applies to --format onnx, not torchscript")
     if tolerance is None:
         tolerance = FLOAT_TOLERANCE if bundle.quantization == "none" else QUANTIZED_TOLERANCE
     if not tolerance >= 0:
