@@ -123,6 +123,26 @@ def swept(tiny_bundle, small_data, tmp_path_factory):
     return rc, json.loads(buf.getvalue()), out
 
 
+def test_no_solution_is_exit_1_with_the_reason_on_stderr(tiny_bundle, small_data, tmp_path,
+                                                         capsys, monkeypatch):
+    # The tiny test network is near chance at any width, so the sweep's answer is faked.
+    import streamkws.tools.sweep as sw
+
+    monkeypatch.setattr(sw, "sweep", lambda *a, **k: {"solution": None, "margin": 0.0})
+    out = tmp_path / "solution.yaml"
+    p = argparse.ArgumentParser()
+    add_sweep_arguments(p)
+    args = p.parse_args(["--model", str(tiny_bundle.path), "--data", str(small_data),
+                         "--bits", "2", "--margin", "0", "--json", "--out-solution", str(out)])
+    assert run_sweep(args) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["solution"] is None
+    assert captured.err.strip().splitlines()[-1] == (
+        "streamkws quantize: no combination of --bits is within --margin 0 of float "
+        f"accuracy; nothing written to {out} (a larger --margin, or wider --bits)")
+    assert not out.exists()
+
+
 def test_the_table_has_every_group_at_every_width(swept):
     rc, r, _ = swept
     assert rc == 0

@@ -53,6 +53,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -738,7 +739,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(format_sweep(r))
         if out and r["solution"] is not None:
             print(f"solution written to {out}")
-    return 0 if r["solution"] is not None else 1
+    if r["solution"] is None:
+        # Exit 1 is the answer "no", not a failure; but a script's log should say which.
+        print(f"streamkws quantize: no combination of --bits is within --margin "
+              f"{r['margin']:g} of float accuracy"
+              + (f"; nothing written to {out}" if out else "")
+              + " (a larger --margin, or wider --bits)", file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- quantization-aware fine-tuning ---------------------------------------------------------
