@@ -56,9 +56,10 @@ def listen(
     count: int | None = None,
     timeout: float | None = None,
 ) -> int:
-    """Print every message from ``connect`` as one JSON line on ``out``; return 0.
+    """Print every message from ``connect`` as one JSON line on ``out``.
 
     Stops on Ctrl-C, after ``count`` messages, or after ``timeout`` seconds without one.
+    Returns 0, or 1 when ``timeout`` ran out without ever reaching the publisher.
     ``server_key``: the publisher's public key file (its ``.key`` or ``.key_secret``);
     ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
     """
@@ -147,7 +148,11 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
         deadlines = [link.warn_at] if link.warn_at is not None else []
         if timeout is not None:
             if last + timeout <= now:
-                return 0
+                if link.ever:
+                    return 0
+                # A script waiting for a detection must tell "none came" from "no daemon".
+                log.warning("%s: never connected; giving up after %g s", connect, timeout)
+                return 1
             deadlines.append(last + timeout)
         wait_ms = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
         events = dict(poller.poll(wait_ms))
@@ -229,6 +234,7 @@ class _Link:
         self.started = started
         self.warn_at: float | None = started + NOT_CONNECTED_WARN_S
         self.told = False
+        self.ever = False
 
     def check(self, now: float) -> None:
         if self.warn_at is not None and now >= self.warn_at:
@@ -239,6 +245,7 @@ class _Link:
 
     def connected(self, now: float) -> None:
         self.warn_at = None
+        self.ever = True
         if self.told:  # the user saw the warning: say that it no longer holds
             self.told = False
             log.warning("%s: connected after %.0f s", self.connect, now - self.started)
@@ -298,7 +305,8 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", metavar="N", type=_positive_int, default=None,
                         help="exit after N messages")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
-                        help="exit after S seconds without a message")
+                        help="exit after S seconds without a message (exit 1 if the "
+                             "publisher was never reached)")
 
 
 def run_listen(args: argparse.Namespace) -> int:

@@ -156,7 +156,7 @@ def test_predict_says_a_file_without_audio_has_none(tmp_path, capsys):
 def test_listen_warns_when_the_publishers_host_cannot_be_resolved(caplog):
     from streamkws.listen import listen
 
-    assert listen("tcp://nohost.invalid:5556", [], None, None, timeout=0.2) == 0
+    assert listen("tcp://nohost.invalid:5556", [], None, None, timeout=0.2) == 1
     assert "cannot resolve host 'nohost.invalid'" in caplog.text
 
 

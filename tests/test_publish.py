@@ -483,7 +483,7 @@ def test_listen_with_curve(make_pub: Callable[..., Publisher],
         assert len(out.getvalue().splitlines()) == 2
         refused = io.StringIO()
         assert listen(pub.endpoint, [], str(keys["server"][0]), str(keys["client_b"][1]),
-                      out=refused, timeout=QUIET_S) == 0
+                      out=refused, timeout=QUIET_S) == 1
         assert refused.getvalue() == ""
     # ZeroMQ retries silently forever; listen says once why nothing arrives.
     assert "refused our key" in caplog.text
@@ -510,8 +510,9 @@ def test_listen_exits_cleanly_on_ctrl_c() -> None:
 def test_listen_times_out_quietly_without_messages() -> None:
     out = io.StringIO()
     t = time.monotonic()
-    # Nothing listens on port 1 of loopback: ZeroMQ just keeps retrying.
-    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=0.3) == 0
+    # Nothing listens on port 1 of loopback: ZeroMQ just keeps retrying. Exit 1 tells a
+    # script that no daemon was there, rather than that none spoke.
+    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=0.3) == 1
     assert 0.25 < time.monotonic() - t < 3 and out.getvalue() == ""
 
 
@@ -526,10 +527,11 @@ def test_listen_says_once_that_it_has_not_reached_the_publisher(
     monkeypatch.setattr("streamkws.listen.NOT_CONNECTED_WARN_S", 0.2)
     out = io.StringIO()
     # Nothing listens on port 1 of loopback: ZeroMQ retries in silence.
-    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=1.0) == 0
+    assert listen("tcp://127.0.0.1:1", [], None, None, out=out, timeout=1.0) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ["tcp://127.0.0.1:1: not connected after 0 s; still trying "
-                        "(is `streamkws run` publishing there?)"]
+                        "(is `streamkws run` publishing there?)",
+                        "tcp://127.0.0.1:1: never connected; giving up after 1 s"]
     assert out.getvalue() == ""
 
 
@@ -540,7 +542,7 @@ def test_listen_counts_a_server_that_never_speaks_zeromq_as_not_connected(
         server.bind(("127.0.0.1", 0))
         server.listen()
         endpoint = f"tcp://127.0.0.1:{server.getsockname()[1]}"
-        assert listen(endpoint, [], None, None, out=io.StringIO(), timeout=0.8) == 0
+        assert listen(endpoint, [], None, None, out=io.StringIO(), timeout=0.8) == 1
     assert f"{endpoint}: not connected after" in caplog.text
 
 
