@@ -276,10 +276,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="F",
                    help="TOML config (default: $STREAMKWS_CONFIG, /etc/streamkws/streamkws.toml)")
     r.add_argument("--source", metavar="S",
-                   help="mic, mic:<index or name>, wav:<path>, - (s16le on stdin), demo")
+                   help="mic, mic:<index or name>, wav:<path>, - (s16le on stdin), demo "
+                        "(default: the config's audio.source, built in: mic)")
     r.add_argument("--model", metavar="M",
-                   help="bundle path, or default / default-float / accurate")
-    r.add_argument("--publish", metavar="EP", help="ZeroMQ endpoint to bind (tcp:// or ipc://)")
+                   help="bundle path, or default / default-float / accurate (default: the "
+                        "config's model.name, built in: default)")
+    r.add_argument("--publish", metavar="EP",
+                   help="ZeroMQ endpoint to bind, tcp:// or ipc:// (default: the config's "
+                        "publish.endpoint, built in: tcp://127.0.0.1:5556)")
     pace = r.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                       help="pace file sources like a microphone")
@@ -324,25 +328,29 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--arch", default="dscnn", help="architecture name (default: dscnn)")
     t.add_argument("--arch-arg", action="append", metavar="NAME=VALUE",
                    help="architecture option, e.g. scale=2 (repeatable)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=int, default=40, help="at most this many (default 40)")
+    t.add_argument("--batch-size", type=int, default=128, help="(default 128)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 3e-3; 3e-4 with --init)")
     t.add_argument("--init", metavar="M", help="start from this bundle (with --quant-solution)")
     t.add_argument("--quant-solution", metavar="S",
                    help="fixed-point solution (YAML from quantize --sweep): quantization-aware "
                         "fine-tuning, forward in fixed point, backward in float")
-    t.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    t.add_argument("--patience", type=int, default=10,
+                   help="early stopping patience in epochs (default 10)")
     t.add_argument("--val-fraction", type=float, default=0.15,
-                   help="share of speakers held out for validation")
+                   help="share of speakers held out for validation (default 0.15)")
     t.add_argument("--seed", type=int, default=0,
-                   help="initialisation, batch order and augmentation: makes a run repeatable")
+                   help="initialisation, batch order and augmentation: makes a run "
+                        "repeatable (default 0)")
     t.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="which speakers are held out for validation (default 0, the split "
                         "`stream-eval --speakers heldout` builds from); --seed leaves it alone")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
-    t.add_argument("--max-minutes", type=float, help="stop after this much training time")
-    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--max-minutes", type=float,
+                   help="stop after this much training time (default: no limit)")
+    t.add_argument("--no-augment", action="store_true",
+                   help="train on the clips as they are: no shift, speed, gain, noise, masks")
     t.add_argument("--unknown-share", type=float, metavar="F",
                    help="share of each epoch drawn from _unknown_ (default: equal to others)")
     t.add_argument("--shift-ms", type=float, default=150.0, metavar="MS",
@@ -376,8 +384,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class recall, confusion matrix")
-    e.add_argument("--model", default="default", metavar="M", help="bundle path or name")
-    e.add_argument("--data", required=True, metavar="DIR")
+    e.add_argument("--model", default="default", metavar="M",
+                   help="bundle path or name (default: default)")
+    e.add_argument("--data", required=True, metavar="DIR",
+                   help="labelled clips, DIR/<label>/*.wav or a Speech Commands download "
+                        "(its testing list)")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
     e.add_argument("--plot", metavar="PNG", help="write the confusion matrix as a picture")
     e.add_argument("--quant-solution", metavar="S",
@@ -386,15 +397,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="label and confidence per audio file")
     pr.add_argument("files", nargs="+", metavar="FILE|DIR")
-    pr.add_argument("--model", default="default", metavar="M")
+    pr.add_argument("--model", default="default", metavar="M",
+                    help="bundle path or name (default: default)")
     pr.add_argument("--json", action="store_true",
                     help='one JSON object on stdout: {"predictions": [...], "errors": [...]}')
     pr.add_argument("--plot", metavar="DIR", help="write each file's log-Mel picture here")
     pr.set_defaults(func=cmd_predict)
 
     a = sub.add_parser("audit-data", help="list the clips most likely mislabelled or broken")
-    a.add_argument("--model", default="default", metavar="M")
-    a.add_argument("--data", required=True, type=Path, metavar="DIR")
+    a.add_argument("--model", default="default", metavar="M",
+                   help="bundle path or name (default: default)")
+    a.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="labelled clips, DIR/<label>/*.wav")
     a.add_argument("--top", type=_positive, default=30, metavar="N",
                    help="how many clips to list (default 30)")
     a.add_argument("--json", action="store_true")
