@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from streamkws import __version__
-from streamkws.errors import EXIT_USER_ERROR, StreamKWSError
+from streamkws.errors import EXIT_USER_ERROR, StreamKWSError, no_folder
 
 log = logging.getLogger("streamkws")
 
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.check_backbone()
     for d in cfg.data + cfg.extra:
         if not d.is_dir():
-            raise StreamKWSError(f"{d}: data folder not found")
+            raise no_folder(d)
     if args.init or args.quant_solution:
         if not (args.init and args.quant_solution):
             raise StreamKWSError("--init and --quant-solution go together "

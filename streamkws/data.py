@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from streamkws.audio.wav import load_audio
-from streamkws.errors import AudioError, StreamKWSError
+from streamkws.errors import AudioError, StreamKWSError, no_folder
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def load_noise(folder: str | Path | None) -> list[np.ndarray]:
         return []
     folder = Path(folder)
     if not folder.is_dir():
-        raise StreamKWSError(f"{folder}: noise folder not found")
+        raise no_folder(folder, "noise folder")
     out = []
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in AUDIO_SUFFIXES:

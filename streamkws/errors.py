@@ -36,6 +36,16 @@ class ConfigFileError(ConfigError):
         StreamKWSError.__init__(self, f"{path}: {message}")
 
 
+def no_folder(path: object, what: str = "data folder") -> StreamKWSError:
+    """The error for ``path`` that should have been a folder: missing, or a file."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if p.exists():
+        return StreamKWSError(f"{p}: is a file, not a {what}")
+    return StreamKWSError(f"{p}: {what} not found")
+
+
 class AudioError(StreamKWSError):
     """Audio that cannot be read or a device that cannot be opened."""
 

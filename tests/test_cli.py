@@ -202,3 +202,19 @@ def test_a_file_that_is_not_a_bundle_is_named_as_what_it_is(tmp_path, capsys, ma
     assert main(["run", "--model", str(bad), "--source", "demo", "--fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"streamkws run: error: {bad}: not a streamkws model bundle ({what})"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--data", "{file}", "--out", "{tmp}/m.skw"], "{file}: is a file, not a data folder"),
+    (["train", "--data", "{tmp}/none", "--out", "{tmp}/m.skw"],
+     "{tmp}/none: data folder not found"),
+    (["listen", "--server-key", "{tmp}"], "--server-key: {tmp} is a folder; give the key file"),
+    (["run", "--source", "wav:"], "wav: needs a file's path, e.g. wav:meeting.wav"),
+])
+def test_a_file_where_a_folder_belongs_and_back_is_named_for_what_it_is(tmp_path, capsys,
+                                                                        argv, message):
+    (tmp_path / "a.txt").write_text("x")
+    fill = {"file": str(tmp_path / "a.txt"), "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: {message.format(**fill)}"), err

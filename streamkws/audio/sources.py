@@ -28,6 +28,8 @@ def open_source(spec: str, realtime: bool = True, block_ms: int = 20) -> AudioSo
                 raise AudioError(f"the demo recording is missing from the package ({DEMO_WAV})")
             path = DEMO_WAV
         else:
+            if not spec[4:]:
+                raise AudioError("wav: needs a file's path, e.g. wav:meeting.wav")
             path = Path(spec[4:])
         source = WavSource(path, realtime=realtime, block_frames=block)
         if spec == "demo":

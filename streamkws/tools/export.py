@@ -59,7 +59,7 @@ from torch import nn
 
 from streamkws import __version__
 from streamkws.bundle import Bundle, KWSModel, load_bundle
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.models.quant import quiet_ao_deprecation
 from streamkws.models.registry import KWSNet
 from streamkws.tools.outputs import check_output
@@ -551,7 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.check_data is not None and not Path(args.check_data).is_dir():
-        raise StreamKWSError(f"{args.check_data}: data folder not found")
+        raise no_folder(args.check_data)
     bundle = load_bundle(args.model)
     r = export(bundle, args.format, args.out, args.check_data, args.check_clips,
                args.tolerance, args.mobile, args.opset)

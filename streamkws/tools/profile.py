@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from streamkws.bundle import BUNDLED, Bundle, load_bundle, tensors_in, weight_bytes
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.models.quant import quiet_ao_deprecation
 
 MIN_RUNS = 200
@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise StreamKWSError(f"--threads must be >= 1 (got {args.threads})")
     if args.data is not None and not Path(args.data).is_dir():
-        raise StreamKWSError(f"{args.data}: data folder not found")
+        raise no_folder(args.data)
     specs = args.compare or [args.model]
     bundles = [(spec, load_bundle(spec)) for spec in specs]  # fail on a bad path up front
     rows = []

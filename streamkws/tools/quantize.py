@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from streamkws.bundle import Bundle, KWSModel, load_bundle, register_quantization, weight_bytes
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.models.quant import quantize_dynamic, quiet_ao_deprecation
 from streamkws.models.registry import FloatIsland, fusion_groups
 from streamkws.tools.outputs import check_output
@@ -614,7 +614,7 @@ def run(args: argparse.Namespace) -> int:
     src = load_bundle(args.model)
     out = check_output(args.out, inputs=(src.path,))
     if args.data is not None and not Path(args.data).is_dir():
-        raise StreamKWSError(f"{args.data}: data folder not found")
+        raise no_folder(args.data)
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise StreamKWSError(f"{args.calibration}: calibration folder not found")
     qb = quantize(src, args.mode, calibration=args.calibration,

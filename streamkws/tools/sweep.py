@@ -68,7 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from streamkws.bundle import Bundle
 from streamkws.data import ClipCache, is_speech_commands_download, load_dataset
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.features import LogMel
 
 log = logging.getLogger(__name__)
@@ -789,7 +789,7 @@ def qat_finetune(bundle: Bundle, solution: dict, data_dirs: Sequence[str | Path]
     dirs = [Path(d) for d in data_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise StreamKWSError(f"{d}: data folder not found")
+            raise no_folder(d)
     base = config if config is not None else TrainConfig(data=dirs, out=Path(out or "qat.skw"),
                                                          progress=False)
     cfg = dataclasses.replace(base, data=dirs, epochs=epochs, lr=lr,
