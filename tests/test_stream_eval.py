@@ -317,3 +317,16 @@ def test_the_latency_benchmark_refuses_a_model_of_other_keywords(tiny_bundle, ca
 
     assert bench_latency(["--model", str(tiny_bundle.path)]) == 2
     assert "does not spot up, down" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("snr", ["nan", "inf", "-1000", "-21", "61"])
+def test_build_refuses_an_snr_it_cannot_honour_and_writes_nothing(data_dir, tmp_path, snr):
+    """NaN built an all-zero recording whose labels still promised keywords; -1000 dB one
+    of noise alone."""
+    out = tmp_path / "rec.wav"
+    r = streamkws("stream-eval", str(out), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--noise", str(data_dir / "noise"),
+                  f"--snr={snr}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--snr must be within -20..60 dB" in r.stderr
+    assert not out.exists() and not out.with_suffix(".csv").exists()

@@ -48,6 +48,12 @@ THRESHOLDS = np.round(np.concatenate([np.arange(0.05, 0.9, 0.05), np.arange(0.9,
                                       [0.995, 0.999]]), 3)
 """The thresholds a DET curve and calibration try (denser near 1, where operating points lie)."""
 
+SNR_RANGE = (-20.0, 60.0)
+"""The --snr a built recording can honour. Words are placed near -26 dBFS: 60 dB under them
+the noise bed is at the 16-bit floor and rounds away; at -20 dB the bed is near full scale
+already, and anything lower only scales the words down towards that floor (at -1000 they
+vanish, and NaN writes silence), while the labels still promise keywords."""
+
 
 @dataclass(frozen=True)
 class Utterance:
@@ -425,7 +431,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Speech Commands words); no other word is placed as one, and none "
                         "of these as a distractor")
     b.add_argument("--noise", type=Path, metavar="DIR", help="noise recordings for the bed")
-    b.add_argument("--snr", type=float, default=20.0, help="speech over noise, dB (default 20)")
+    b.add_argument("--snr", type=float, default=20.0,
+                   help=f"speech over noise, dB, within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} "
+                        "(default 20)")
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
                    help="seconds between placed words (each keeps 150 ms of its recording "
                         "either side), drawn uniformly (default 1.5:3.5)")
@@ -460,6 +468,9 @@ def run(args: argparse.Namespace) -> int:
         for d in args.data:
             if out.resolve().is_relative_to(d.resolve()):
                 raise StreamKWSError(f"{out}: would write into the --data folder {d}")
+        if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
+            raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
+                                 f"of speech over the noise bed (got {args.snr:g})")
         if args.per_keyword < 1 or args.unknown < 0:
             raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
         keywords = args.keywords.split(",") if args.keywords else None
