@@ -330,3 +330,15 @@ def test_build_refuses_an_snr_it_cannot_honour_and_writes_nothing(data_dir, tmp_
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--snr must be within -20..60 dB" in r.stderr
     assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-1"])
+def test_calibration_refuses_a_budget_that_is_not_a_positive_finite_rate(recording, tmp_path,
+                                                                         budget):
+    """NaN calibrated every threshold to 0.999 (a deaf daemon), inf every one to 0.5."""
+    tuned = tmp_path / "tuned.toml"
+    r = streamkws("stream-eval", str(recording), "--negative", "--target-fa-per-hour", budget,
+                  "--write-config", str(tuned), "--json")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert "--target-fa-per-hour must be positive and finite" in r.stderr
+    assert not tuned.exists()

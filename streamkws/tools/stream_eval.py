@@ -494,8 +494,10 @@ def run(args: argparse.Namespace) -> int:
                              "model's)")
     if args.write_config and args.target_fa_per_hour is None:
         raise StreamKWSError("--write-config goes with --target-fa-per-hour")
-    if args.target_fa_per_hour is not None and args.target_fa_per_hour <= 0:
-        raise StreamKWSError("--target-fa-per-hour must be positive")
+    # NaN wrote 0.999 everywhere (deaf) and inf 0.5 (every budget met): neither is a budget.
+    if args.target_fa_per_hour is not None and not 0 < args.target_fa_per_hour < math.inf:
+        raise StreamKWSError(f"--target-fa-per-hour must be positive and finite "
+                             f"(got {args.target_fa_per_hour:g})")
     if not 0 <= args.min_threshold <= float(THRESHOLDS[-1]):
         raise StreamKWSError(f"--min-threshold must be within 0..{THRESHOLDS[-1]:g}")
     if args.write_config:
