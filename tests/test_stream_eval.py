@@ -342,3 +342,21 @@ def test_calibration_refuses_a_budget_that_is_not_a_positive_finite_rate(recordi
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert "--target-fa-per-hour must be positive and finite" in r.stderr
     assert not tuned.exists()
+
+
+def test_build_writes_its_labels_to_labels_when_given_and_evaluation_reads_them_there(
+        data_dir, tmp_path):
+    rec, labels = tmp_path / "rec.wav", tmp_path / "elsewhere" / "mylabels.csv"
+    r = streamkws("stream-eval", str(rec), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--per-keyword", "1",
+                  "--unknown", "0", "--labels", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["labels"] == str(labels)
+    assert len(se.read_labels(labels)) == 10 and not rec.with_suffix(".csv").exists()
+    r = streamkws("stream-eval", str(rec), "--labels", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["overall"]["utterances"] == 10
+    # Never over the recording it has just written.
+    r = streamkws("stream-eval", str(rec), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--labels", str(rec))
+    assert r.returncode == 2 and "--labels" in r.stderr and r.stderr.count("\n") == 1

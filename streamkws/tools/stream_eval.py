@@ -323,11 +323,11 @@ def calibrate(run: Run, truth: Sequence[Utterance], detect: DetectConfig, target
 def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int, unknown: int,
           snr_db: float | None, gap_s: tuple[float, float], seed: int, speakers: str,
           negative: bool, min_contrast_db: float,
-          keywords: Sequence[str] | None = None) -> dict:
+          keywords: Sequence[str] | None = None, labels_out: Path | None = None) -> dict:
     """A recording of labelled clips at random spacing over real noise, and its label file
-    (keyword utterances only; other words are in it as distractors). ``keywords``: the
-    words that are keywords (default: the ten Speech Commands words); every other word
-    may be a distractor, never one of these."""
+    (keyword utterances only; other words are in it as distractors) at ``labels_out``
+    (default: ``out`` as .csv). ``keywords``: the words that are keywords (default: the ten
+    Speech Commands words); every other word may be a distractor, never one of these."""
     from streamkws.data import (
         SILENCE,
         UNKNOWN,
@@ -373,7 +373,7 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
     audio, placed = build_stream(clips, noise_clips, gap_s=gap_s, snr_db=snr_db, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_wav(out, audio)
-    labels = out.with_suffix(".csv")
+    labels = labels_out or out.with_suffix(".csv")
     write_labels(labels, placed, keywords=set(keywords))
     n_kw = sum(p.word in keywords for p in placed)
     return {"audio": str(out), "labels": str(labels), "duration_s": round(len(audio) / SAMPLE_RATE,
@@ -405,7 +405,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", type=Path, metavar="REC.wav",
                    help="the recording to evaluate (or, with --build, to write)")
     p.add_argument("--labels", type=Path, metavar="CSV",
-                   help="keyword,start,end per keyword utterance (default: REC.csv beside it)")
+                   help="keyword,start,end per keyword utterance (default: REC.csv beside "
+                        "it); with --build, where to write them")
     p.add_argument("--negative", action="store_true",
                    help="the recording holds no keywords (no label file needed); with "
                         "--build, place only other words")
@@ -423,7 +424,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never calibrate a threshold below this (default 0.5)")
     b = p.add_argument_group("building a recording (--build)")
     b.add_argument("--build", action="store_true",
-                   help="write REC.wav and REC.csv from labelled clips instead of evaluating")
+                   help="write REC.wav and its labels (REC.csv, or --labels) from labelled "
+                        "clips instead of evaluating")
     b.add_argument("--data", type=Path, action="append", metavar="DIR",
                    help="labelled clip folders (DIR/<label>/*.wav); repeatable")
     b.add_argument("--keywords", metavar="W,W,...",
@@ -465,9 +467,13 @@ def run(args: argparse.Namespace) -> int:
             if not d.is_dir():
                 raise StreamKWSError(f"{d}: folder not found")
         out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
+        # The suffix keeps a slip (--labels REC.wav) from writing labels over the recording.
+        labels = (check_output(args.labels, "--labels", suffixes=(".csv",)) if args.labels
+                  else out.with_suffix(".csv"))
         for d in args.data:
-            if out.resolve().is_relative_to(d.resolve()):
-                raise StreamKWSError(f"{out}: would write into the --data folder {d}")
+            for written in (out, labels):
+                if written.resolve().is_relative_to(d.resolve()):
+                    raise StreamKWSError(f"{written}: would write into the --data folder {d}")
         if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
             raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
                                  f"of speech over the noise bed (got {args.snr:g})")
@@ -481,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
                         if lb not in (SILENCE, UNKNOWN)]
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
-                     args.min_contrast_db, keywords)
+                     args.min_contrast_db, keywords, labels_out=labels)
         if args.json:
             print(json.dumps(info))
         else:
