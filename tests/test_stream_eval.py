@@ -360,3 +360,17 @@ def test_build_writes_its_labels_to_labels_when_given_and_evaluation_reads_them_
     r = streamkws("stream-eval", str(rec), "--build", "--data",
                   str(data_dir / "speech_commands_v2_real"), "--labels", str(rec))
     assert r.returncode == 2 and "--labels" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_recording_that_is_not_audio_is_reported_before_its_missing_label_file(tmp_path):
+    text = tmp_path / "text.wav"
+    text.write_text("not audio\n")
+    r = streamkws("stream-eval", str(text))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "text.wav: not a WAV file" in r.stderr and "label file" not in r.stderr
+
+
+def test_a_folder_given_as_the_recording_is_called_a_folder(tmp_path):
+    r = streamkws("stream-eval", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is a folder" in r.stderr and "no such recording" not in r.stderr

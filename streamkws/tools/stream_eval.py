@@ -581,8 +581,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _truth(args: argparse.Namespace) -> list[Utterance]:
-    if not args.audio.is_file():
-        raise StreamKWSError(f"{args.audio}: no such recording")
+    # The recording first: when it is not audio at all, that is the problem to report, not
+    # the label file a user may not have made yet.
+    _check_recording(args.audio)
     labels = args.labels or args.audio.with_suffix(".csv")
     if args.negative and args.labels is None:
         return []
@@ -590,6 +591,24 @@ def _truth(args: argparse.Namespace) -> list[Utterance]:
         raise StreamKWSError(f"{labels}: no label file (pass --labels, or --negative if the "
                              "recording holds no keywords)")
     return read_labels(labels)
+
+
+def _check_recording(path: Path) -> None:
+    """Refuse, with the reason, a recording the pipeline could not replay."""
+    from streamkws.audio.wav import read_wav_info
+
+    if path.is_dir():
+        raise StreamKWSError(f"{path}: is a folder; give a recording (a .wav file)")
+    if not path.exists():
+        raise StreamKWSError(f"{path}: no such recording")
+    if not path.is_file():  # opening a pipe would wait for a writer
+        raise StreamKWSError(f"{path}: not a regular file; give a recording (a .wav file)")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise StreamKWSError(f"{path}: cannot open ({exc.strerror})") from None
+    with f:
+        read_wav_info(f, str(path))
 
 
 def format_report(r: dict) -> str:
