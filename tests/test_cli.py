@@ -97,6 +97,17 @@ def test_audit_data_lists_at_least_one_clip(tmp_path):
     assert exc.value.code == 2
 
 
+def test_audit_data_refuses_a_folder_without_readable_clips_as_evaluate_does(tmp_path,
+                                                                            capsys):
+    """'0 clips' and exit 0 read as a data set with nothing wrong in it."""
+    (tmp_path / "yes").mkdir()
+    (tmp_path / "yes" / "a.wav").write_text("not audio\n")
+    for command in ("evaluate", "audit-data"):
+        assert main([command, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"streamkws {command}: error: {tmp_path}: no readable clips" in err, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--sweep", "--data", ".", "--mode", "static"], "--mode do(es) not apply"),
     (["quantize", "--sweep", "--data", ".", "--calib-clips", "0"], "--calib-clips must be"),
