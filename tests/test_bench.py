@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from streamkws.cli import main
 from streamkws.tools import bench
 
 
@@ -74,3 +77,27 @@ def test_verdict_compares_medians_with_the_issue_targets():
     v = bench.verdict(rows, None)
     assert v["ratio_vad_on_to_peer"] == 0.4 and v["at_most_half_of_peer"]
     assert v["silence_core_percent"] == 0.4 and not v["silence_within_0.3_percent"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "nan"], "--minutes must be a finite number, 1 or more (got nan)"),
+    (["--minutes", "inf"], "--minutes must be a finite number, 1 or more (got inf)"),
+    (["--minutes", "0.5"], "--minutes must be a finite number, 1 or more (got 0.5)"),
+    (["--repeats", "0"], "--repeats must be 1 or more (got 0)"),
+    (["--idle-seconds", "-5"], "--idle-seconds must be a finite number, 0 (skip) or more"),
+    (["--idle-seconds", "nan"], "--idle-seconds must be a finite number, 0 (skip) or more"),
+    (["--idle-seconds", "inf"], "--idle-seconds must be a finite number, 0 (skip) or more"),
+])
+def test_bench_refuses_a_length_or_count_it_cannot_run_as_one_line(flags, message, tmp_path,
+                                                                   capsys):
+    """NaN minutes ended in a ValueError traceback, inf in an OverflowError, and negative
+    idle seconds were taken silently."""
+    assert main(["bench", "--data", str(tmp_path), "--peer", "off", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_bench_help_says_how_short_a_recording_may_be(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "1 or more" in capsys.readouterr().out

@@ -129,6 +129,17 @@ def test_a_command_line_argparse_refuses_is_one_line_too(capsys, argv, line):
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
 
 
+def test_audit_data_refuses_a_folder_without_readable_clips_as_evaluate_does(tmp_path,
+                                                                            capsys):
+    """'0 clips' and exit 0 read as a data set with nothing wrong in it."""
+    (tmp_path / "yes").mkdir()
+    (tmp_path / "yes" / "a.wav").write_text("not audio\n")
+    for command in ("evaluate", "audit-data"):
+        assert main([command, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"streamkws {command}: error: {tmp_path}: no readable clips" in err, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--sweep", "--data", ".", "--mode", "static"], "--mode do(es) not apply"),
     (["quantize", "--sweep", "--data", ".", "--calib-clips", "0"], "--calib-clips must be"),

@@ -317,3 +317,60 @@ def test_the_latency_benchmark_refuses_a_model_of_other_keywords(tiny_bundle, ca
 
     assert bench_latency(["--model", str(tiny_bundle.path)]) == 2
     assert "does not spot up, down" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("snr", ["nan", "inf", "-1000", "-21", "61"])
+def test_build_refuses_an_snr_it_cannot_honour_and_writes_nothing(data_dir, tmp_path, snr):
+    """NaN built an all-zero recording whose labels still promised keywords; -1000 dB one
+    of noise alone."""
+    out = tmp_path / "rec.wav"
+    r = streamkws("stream-eval", str(out), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--noise", str(data_dir / "noise"),
+                  f"--snr={snr}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--snr must be within -20..60 dB" in r.stderr
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-1"])
+def test_calibration_refuses_a_budget_that_is_not_a_positive_finite_rate(recording, tmp_path,
+                                                                         budget):
+    """NaN calibrated every threshold to 0.999 (a deaf daemon), inf every one to 0.5."""
+    tuned = tmp_path / "tuned.toml"
+    r = streamkws("stream-eval", str(recording), "--negative", "--target-fa-per-hour", budget,
+                  "--write-config", str(tuned), "--json")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert "--target-fa-per-hour must be positive and finite" in r.stderr
+    assert not tuned.exists()
+
+
+def test_build_writes_its_labels_to_labels_when_given_and_evaluation_reads_them_there(
+        data_dir, tmp_path):
+    rec, labels = tmp_path / "rec.wav", tmp_path / "elsewhere" / "mylabels.csv"
+    r = streamkws("stream-eval", str(rec), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--per-keyword", "1",
+                  "--unknown", "0", "--labels", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["labels"] == str(labels)
+    assert len(se.read_labels(labels)) == 10 and not rec.with_suffix(".csv").exists()
+    r = streamkws("stream-eval", str(rec), "--labels", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["overall"]["utterances"] == 10
+    # Never over the recording it has just written.
+    r = streamkws("stream-eval", str(rec), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--labels", str(rec))
+    assert r.returncode == 2 and "--labels" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_recording_that_is_not_audio_is_reported_before_its_missing_label_file(tmp_path):
+    text = tmp_path / "text.wav"
+    text.write_text("not audio\n")
+    r = streamkws("stream-eval", str(text))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "text.wav: not a WAV file" in r.stderr and "label file" not in r.stderr
+
+
+def test_a_folder_given_as_the_recording_is_called_a_folder(tmp_path):
+    r = streamkws("stream-eval", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is a folder" in r.stderr and "no such recording" not in r.stderr

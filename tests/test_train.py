@@ -214,6 +214,22 @@ def test_audit_ranks_a_mislabelled_clip_among_the_suspects(tiny_bundle, small_da
     assert any(r["path"].endswith("ffffffff_nohash_9.wav") for r in report["suspects"])
 
 
+def test_audit_calls_only_a_clip_whose_label_gets_under_even_odds_high_loss(small_data):
+    """A --top longer than the suspects lists clips the model gets right: those must not
+    be tagged as suspect."""
+    from streamkws.tools.predict import audit
+
+    report = audit(load_bundle("default"), small_data, top=1000)
+    assert len(report["suspects"]) == report["clips"]
+    right = [r for r in report["suspects"]
+             if r["predicted"] == r["label"] and r["confidence"] >= 0.5]
+    assert right, "the default model gets most of these clips right"
+    for r in report["suspects"]:
+        if "high loss" in r["why"]:
+            assert r["loss"] > 0.69  # -ln(0.5): the label under even odds
+    assert not any("high loss" in r["why"] for r in right)
+
+
 def _silence_teacher(tiny_bundle, path):
     """The tiny model rewired to answer "_silence_" whatever it hears: advice that
     contradicts every word's label, so a student that follows it is easy to tell apart."""

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import socket
 import subprocess
 import sys
@@ -46,15 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with speech_commands_v2_real/ and noise/ to build the "
                         "recordings from (default ../shared/data)")
     p.add_argument("--minutes", type=float, default=10.0,
-                   help="length of the built recordings (default 10)")
+                   help="length of the built recordings, 1 or more (default 10)")
     p.add_argument("--config", metavar="F",
                    help="daemon config (default: as `run` finds one: $STREAMKWS_CONFIG, "
                         "/etc/streamkws/streamkws.toml, else the built-in defaults)")
     p.add_argument("--model", metavar="M", help="bundle path or name (default: the config's)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per case; medians reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per case, 1 or more; medians reported (default 3)")
     p.add_argument("--idle-seconds", type=float, default=20.0,
                    help="also pace the silence in real time for this long and measure the "
-                        "daemon's idle cost (0: skip)")
+                        "daemon's idle cost (0: skip; default 20)")
     p.add_argument("--peer", choices=("auto", "on", "off"), default="auto",
                    help="openWakeWord comparison: auto = when installed")
     p.add_argument("--peer-python", metavar="PY",
@@ -65,8 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.minutes < 1 or args.repeats < 1:
-        raise StreamKWSError("--minutes must be >= 1 and --repeats >= 1")
+    # Checked as ranges that NaN fails too: it would reach int() minutes into the run.
+    if not 1 <= args.minutes < math.inf:
+        raise StreamKWSError(f"--minutes must be a finite number, 1 or more (got "
+                             f"{args.minutes:g})")
+    if args.repeats < 1:
+        raise StreamKWSError(f"--repeats must be 1 or more (got {args.repeats})")
+    if not 0 <= args.idle_seconds < math.inf:
+        raise StreamKWSError(f"--idle-seconds must be a finite number, 0 (skip) or more "
+                             f"(got {args.idle_seconds:g})")
     with contextlib.ExitStack() as stack:
         if args.workdir:
             work = args.workdir

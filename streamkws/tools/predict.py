@@ -115,6 +115,8 @@ def audit(bundle: Bundle, data: Path, top: int = 30) -> dict:
     """
     ds = load_dataset(data, bundle.labels)
     x, ds = ClipCache().load_all(ds, progress=True)
+    if len(ds) == 0:  # as evaluate: "0 clips" with exit 0 would read as a clean data set
+        raise StreamKWSError(f"{data}: no readable clips")
     probs = predict_clips(bundle, x)
     y = ds.targets()
     p_true = probs[np.arange(len(y)), y]
@@ -133,7 +135,10 @@ def audit(bundle: Bundle, data: Path, top: int = 30) -> dict:
         if clipped[i] > 20:
             reasons.append(f"clipped ({clipped[i]} samples at full scale)")
         if not reasons:
-            reasons.append("high loss")
+            # The list is by rank, and a large --top reaches clips the model gets right:
+            # "high loss" only where the label gets less than even odds.
+            reasons.append("high loss" if p_true[i] < 0.5 else
+                           f"no sign of a problem (the label at {p_true[i]:.0%})")
         rows.append({"path": str(ds.items[i].path), "label": ds.items[i].label,
                      "predicted": bundle.labels[pred[i]],
                      "confidence": round(float(probs[i, pred[i]]), 4),

@@ -48,6 +48,12 @@ THRESHOLDS = np.round(np.concatenate([np.arange(0.05, 0.9, 0.05), np.arange(0.9,
                                       [0.995, 0.999]]), 3)
 """The thresholds a DET curve and calibration try (denser near 1, where operating points lie)."""
 
+SNR_RANGE = (-20.0, 60.0)
+"""The --snr a built recording can honour. Words are placed near -26 dBFS: 60 dB under them
+the noise bed is at the 16-bit floor and rounds away; at -20 dB the bed is near full scale
+already, and anything lower only scales the words down towards that floor (at -1000 they
+vanish, and NaN writes silence), while the labels still promise keywords."""
+
 
 @dataclass(frozen=True)
 class Utterance:
@@ -317,11 +323,11 @@ def calibrate(run: Run, truth: Sequence[Utterance], detect: DetectConfig, target
 def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int, unknown: int,
           snr_db: float | None, gap_s: tuple[float, float], seed: int, speakers: str,
           negative: bool, min_contrast_db: float,
-          keywords: Sequence[str] | None = None) -> dict:
+          keywords: Sequence[str] | None = None, labels_out: Path | None = None) -> dict:
     """A recording of labelled clips at random spacing over real noise, and its label file
-    (keyword utterances only; other words are in it as distractors). ``keywords``: the
-    words that are keywords (default: the ten Speech Commands words); every other word
-    may be a distractor, never one of these."""
+    (keyword utterances only; other words are in it as distractors) at ``labels_out``
+    (default: ``out`` as .csv). ``keywords``: the words that are keywords (default: the ten
+    Speech Commands words); every other word may be a distractor, never one of these."""
     from streamkws.data import (
         SILENCE,
         UNKNOWN,
@@ -367,7 +373,7 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
     audio, placed = build_stream(clips, noise_clips, gap_s=gap_s, snr_db=snr_db, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_wav(out, audio)
-    labels = out.with_suffix(".csv")
+    labels = labels_out or out.with_suffix(".csv")
     write_labels(labels, placed, keywords=set(keywords))
     n_kw = sum(p.word in keywords for p in placed)
     return {"audio": str(out), "labels": str(labels), "duration_s": round(len(audio) / SAMPLE_RATE,
@@ -399,7 +405,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", type=Path, metavar="REC.wav",
                    help="the recording to evaluate (or, with --build, to write)")
     p.add_argument("--labels", type=Path, metavar="CSV",
-                   help="keyword,start,end per keyword utterance (default: REC.csv beside it)")
+                   help="keyword,start,end per keyword utterance (default: REC.csv beside "
+                        "it); with --build, where to write them")
     p.add_argument("--negative", action="store_true",
                    help="the recording holds no keywords (no label file needed); with "
                         "--build, place only other words")
@@ -417,7 +424,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never calibrate a threshold below this (default 0.5)")
     b = p.add_argument_group("building a recording (--build)")
     b.add_argument("--build", action="store_true",
-                   help="write REC.wav and REC.csv from labelled clips instead of evaluating")
+                   help="write REC.wav and its labels (REC.csv, or --labels) from labelled "
+                        "clips instead of evaluating")
     b.add_argument("--data", type=Path, action="append", metavar="DIR",
                    help="labelled clip folders (DIR/<label>/*.wav); repeatable")
     b.add_argument("--keywords", metavar="W,W,...",
@@ -425,7 +433,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Speech Commands words); no other word is placed as one, and none "
                         "of these as a distractor")
     b.add_argument("--noise", type=Path, metavar="DIR", help="noise recordings for the bed")
-    b.add_argument("--snr", type=float, default=20.0, help="speech over noise, dB (default 20)")
+    b.add_argument("--snr", type=float, default=20.0,
+                   help=f"speech over noise, dB, within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} "
+                        "(default 20)")
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
                    help="seconds between placed words (each keeps 150 ms of its recording "
                         "either side), drawn uniformly (default 1.5:3.5)")
@@ -457,9 +467,16 @@ def run(args: argparse.Namespace) -> int:
             if not d.is_dir():
                 raise StreamKWSError(f"{d}: folder not found")
         out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
+        # The suffix keeps a slip (--labels REC.wav) from writing labels over the recording.
+        labels = (check_output(args.labels, "--labels", suffixes=(".csv",)) if args.labels
+                  else out.with_suffix(".csv"))
         for d in args.data:
-            if out.resolve().is_relative_to(d.resolve()):
-                raise StreamKWSError(f"{out}: would write into the --data folder {d}")
+            for written in (out, labels):
+                if written.resolve().is_relative_to(d.resolve()):
+                    raise StreamKWSError(f"{written}: would write into the --data folder {d}")
+        if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
+            raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
+                                 f"of speech over the noise bed (got {args.snr:g})")
         if args.per_keyword < 1 or args.unknown < 0:
             raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
         keywords = args.keywords.split(",") if args.keywords else None
@@ -470,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
                         if lb not in (SILENCE, UNKNOWN)]
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
-                     args.min_contrast_db, keywords)
+                     args.min_contrast_db, keywords, labels_out=labels)
         if args.json:
             print(json.dumps(info))
         else:
@@ -483,8 +500,10 @@ def run(args: argparse.Namespace) -> int:
                              "model's)")
     if args.write_config and args.target_fa_per_hour is None:
         raise StreamKWSError("--write-config goes with --target-fa-per-hour")
-    if args.target_fa_per_hour is not None and args.target_fa_per_hour <= 0:
-        raise StreamKWSError("--target-fa-per-hour must be positive")
+    # NaN wrote 0.999 everywhere (deaf) and inf 0.5 (every budget met): neither is a budget.
+    if args.target_fa_per_hour is not None and not 0 < args.target_fa_per_hour < math.inf:
+        raise StreamKWSError(f"--target-fa-per-hour must be positive and finite "
+                             f"(got {args.target_fa_per_hour:g})")
     if not 0 <= args.min_threshold <= float(THRESHOLDS[-1]):
         raise StreamKWSError(f"--min-threshold must be within 0..{THRESHOLDS[-1]:g}")
     if args.write_config:
@@ -562,8 +581,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _truth(args: argparse.Namespace) -> list[Utterance]:
-    if not args.audio.is_file():
-        raise StreamKWSError(f"{args.audio}: no such recording")
+    # The recording first: when it is not audio at all, that is the problem to report, not
+    # the label file a user may not have made yet.
+    _check_recording(args.audio)
     labels = args.labels or args.audio.with_suffix(".csv")
     if args.negative and args.labels is None:
         return []
@@ -571,6 +591,24 @@ def _truth(args: argparse.Namespace) -> list[Utterance]:
         raise StreamKWSError(f"{labels}: no label file (pass --labels, or --negative if the "
                              "recording holds no keywords)")
     return read_labels(labels)
+
+
+def _check_recording(path: Path) -> None:
+    """Refuse, with the reason, a recording the pipeline could not replay."""
+    from streamkws.audio.wav import read_wav_info
+
+    if path.is_dir():
+        raise StreamKWSError(f"{path}: is a folder; give a recording (a .wav file)")
+    if not path.exists():
+        raise StreamKWSError(f"{path}: no such recording")
+    if not path.is_file():  # opening a pipe would wait for a writer
+        raise StreamKWSError(f"{path}: not a regular file; give a recording (a .wav file)")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise StreamKWSError(f"{path}: cannot open ({exc.strerror})") from None
+    with f:
+        read_wav_info(f, str(path))
 
 
 def format_report(r: dict) -> str:
