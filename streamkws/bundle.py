@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from streamkws import __version__
+from streamkws.config import BUNDLED_MODELS
 from streamkws.errors import StreamKWSError
 from streamkws.features import FrontEndConfig
 from streamkws.models.registry import KWSModel
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT = "streamkws-bundle"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-BUNDLED = {"default": "default.skw", "default-float": "default-float.skw",
-           "accurate": "accurate.skw"}
+BUNDLED = BUNDLED_MODELS
 
 
 # Quantization modes register how to rebuild their module structure from metadata, so a

@@ -267,30 +267,43 @@ def load(path: str | Path) -> Config:
     return relative_to(parse(data), p.parent)
 
 
+BUNDLED_MODELS = {"default": "default.skw", "default-float": "default-float.skw",
+                  "accurate": "accurate.skw"}
+"""The models shipped in the package, by the name ``model.name`` and ``--model`` take,
+and their files in ``streamkws/models/bundled/``. Here rather than in :mod:`.bundle` so
+that reading a config, which must tell these names from paths, needs no torch."""
+
+
 def relative_to(cfg: Config, folder: Path) -> Config:
     """``cfg`` with its relative file paths taken from ``folder`` (the config file's).
 
     A service runs in ``/``, a user in a shell somewhere else: a path that meant the
-    working directory would name different files for each. Paths are ``model.name`` when
-    it is a path rather than a bundled model's name (it holds a '/' or has a suffix, as
-    ``.skw``), ``audio.source``'s ``wav:<path>``, and the two CURVE key paths; ``~`` is
-    the home folder of whoever runs the daemon.
+    working directory would name different files for each. Paths are ``model.name``
+    unless it names a bundled model, ``audio.source``'s ``wav:<path>``, and the two CURVE
+    key paths; ``~`` is the home folder of whoever runs the daemon.
     """
     folder = folder.resolve()
 
-    def fix(path: str) -> str:
+    def fix(key: str, path: str) -> str:
         if not path:
             return path
-        expanded = Path(path).expanduser()
+        try:
+            expanded = Path(path).expanduser()
+        except RuntimeError:  # ~user of a user this system does not have
+            raise ConfigError(key, f"cannot expand {path!r}: no such user") from None
         return str(expanded if expanded.is_absolute() else folder / expanded)
 
     model, audio, publish = cfg.model, cfg.audio, cfg.publish
-    if "/" in model.name or Path(model.name).suffix:
-        model = dataclasses.replace(model, name=fix(model.name))
+    if model.name not in BUNDLED_MODELS:
+        model = dataclasses.replace(model, name=fix("model.name", model.name))
     if audio.source.startswith("wav:"):
-        audio = dataclasses.replace(audio, source="wav:" + fix(audio.source[4:]))
-    publish = dataclasses.replace(publish, curve_secret_key=fix(publish.curve_secret_key),
-                                  curve_authorized_keys=fix(publish.curve_authorized_keys))
+        audio = dataclasses.replace(audio,
+                                    source="wav:" + fix("audio.source", audio.source[4:]))
+    publish = dataclasses.replace(
+        publish,
+        curve_secret_key=fix("publish.curve_secret_key", publish.curve_secret_key),
+        curve_authorized_keys=fix("publish.curve_authorized_keys",
+                                  publish.curve_authorized_keys))
     return cfg.replace(model=model, audio=audio, publish=publish)
 
 
@@ -400,7 +413,8 @@ def _key_name(key: Any) -> str:
 
 
 def dumps(cfg: Config, header: str = "") -> str:
-    """The whole configuration as TOML that :func:`load` reads back to an equal Config.
+    """The whole configuration as TOML that :func:`load` reads back to an equal Config
+    (given absolute paths: load takes relative ones from the file's folder).
 
     Tools that tune settings (``stream-eval --target-fa-per-hour``) write complete files,
     so a daemon pointed at one runs exactly what was measured, whatever its built-in

@@ -35,9 +35,9 @@ from streamkws.audio.ring import RingBuffer
 from streamkws.audio.sources import open_source
 from streamkws.audio.supervisor import RETRYING, SourceSupervisor
 from streamkws.bundle import Bundle, load_bundle
-from streamkws.config import Config, load_default
+from streamkws.config import AudioConfig, Config, ModelConfig, load_default
 from streamkws.detect import Detection, Smoother
-from streamkws.errors import StreamKWSError
+from streamkws.errors import ConfigError, StreamKWSError
 from streamkws.frontend import FrontEnd, GatedWindow
 from streamkws.stdio import silence_stdout
 
@@ -208,15 +208,15 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
 
 
 @contextlib.contextmanager
-def _naming(key: str | None) -> Iterator[None]:
-    """Puts the config key that gave a value in front of an error about it; ``None`` for a
-    value typed on the command line, which the user has just seen."""
+def _naming(key: str, from_file: bool) -> Iterator[None]:
+    """An error about a value a config file gave becomes an error about its key. A value
+    typed on the command line the user has just seen, and a built-in default is ours."""
     try:
         yield
     except StreamKWSError as exc:
-        if key is None:
+        if not from_file:
             raise
-        raise StreamKWSError(f"{key}: {exc}") from None
+        raise ConfigError(key, str(exc)) from None
 
 
 class Daemon:
@@ -250,7 +250,8 @@ class Daemon:
             torch.set_num_threads(cfg.model.threads)
             self.bundle = self._load_bundle(cfg)
             self.pipeline = Pipeline(cfg, self.bundle)
-            with _naming(None if self.overrides.source is not None else "audio.source"):
+            with _naming("audio.source", self.overrides.source is None
+                         and cfg.audio.source != AudioConfig.source):
                 self.source = open_source(cfg.audio.source, cfg.audio.realtime,
                                           cfg.audio.block_ms)
             if isinstance(self.source, MicSource):
@@ -302,7 +303,8 @@ class Daemon:
         self._previous_handlers = {}
 
     def _load_bundle(self, cfg: Config) -> Bundle:
-        with _naming(None if self.overrides.model is not None else "model.name"):
+        with _naming("model.name", self.overrides.model is None
+                     and cfg.model.name != ModelConfig.name):
             return load_bundle(cfg.model.name)
 
     def reload(self) -> bool:

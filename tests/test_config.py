@@ -78,6 +78,13 @@ def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path):
     assert config.load(p).model.name == f"{folder}/my.skw"
     p.write_text('[model]\nname = "~/my.skw"\n')
     assert config.load(p).model.name == str(Path.home() / "my.skw")
+    # Anything not a bundled model's name is a path, with or without a suffix.
+    p.write_text('[model]\nname = "mymodel"\n')
+    assert config.load(p).model.name == f"{folder}/mymodel"
+    p.write_text('[model]\nname = "~nosuchuser1234/my.skw"\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    assert exc.value.key == "model.name" and "no such user" in str(exc.value)
 
 
 def test_search_order_is_flag_then_environment_then_system(tmp_path, monkeypatch):

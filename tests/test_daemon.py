@@ -161,9 +161,11 @@ def test_start_up_errors_are_one_line_without_traceback(args, message):
 
 
 @pytest.mark.parametrize(("toml", "message"), [
-    ('[audio]\nsource = "bogus"\n', "audio.source: unknown audio source 'bogus'"),
-    ('[audio]\nsource = "wav:/nonexistent.wav"\n', "audio.source: /nonexistent.wav: cannot"),
-    ('[model]\nname = "nosuch"\n', "model.name: nosuch: no such model bundle"),
+    ('[audio]\nsource = "bogus"\n', "config key 'audio.source': unknown audio source 'bogus'"),
+    ('[audio]\nsource = "wav:/nonexistent.wav"\n',
+     "config key 'audio.source': /nonexistent.wav: cannot"),
+    ('[model]\nname = "/nonexistent.skw"\n',
+     "config key 'model.name': /nonexistent.skw: no such model bundle"),
 ])
 def test_a_config_value_that_names_nothing_usable_is_named_by_its_key(tmp_path, toml,
                                                                        message):

@@ -323,13 +323,25 @@ def test_the_latency_benchmark_refuses_a_model_of_other_keywords(tiny_bundle, ca
 def test_build_refuses_an_snr_it_cannot_honour_and_writes_nothing(data_dir, tmp_path, snr):
     """NaN built an all-zero recording whose labels still promised keywords; -1000 dB one
     of noise alone."""
-    out = tmp_path / "rec.wav"
+    out = tmp_path / "new" / "rec.wav"
     r = streamkws("stream-eval", str(out), "--build", "--data",
                   str(data_dir / "speech_commands_v2_real"), "--noise", str(data_dir / "noise"),
                   f"--snr={snr}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--snr must be within -20..60 dB" in r.stderr
-    assert not out.exists() and not out.with_suffix(".csv").exists()
+    assert not out.parent.exists()  # not even the folder it would have been written in
+
+
+@pytest.mark.parametrize("build", [True, False])
+def test_an_empty_keyword_list_is_refused_not_read_as_the_default_ten(data_dir, tmp_path,
+                                                                      build):
+    out = tmp_path / "rec.wav"
+    extra = ["--build", "--data", str(data_dir / "speech_commands_v2_real")] if build else []
+    r = streamkws("stream-eval", str(out), *extra, "--keywords=")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert ("--keywords: expected comma-separated words" if build
+            else "--keywords goes with --build") in r.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("budget", ["nan", "inf", "0", "-1"])

@@ -37,7 +37,7 @@ from streamkws import SAMPLE_RATE
 from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import Config, DetectConfig, dumps, load_default
 from streamkws.detect import Detection, Smoother
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.tools.outputs import PICTURES, check_output
 from streamkws.tools.streams import HELDOUT_SPLIT
 from streamkws.vad import VadGate, make_vad
@@ -465,7 +465,18 @@ def run(args: argparse.Namespace) -> int:
             raise StreamKWSError("--build needs --data DIR (labelled clip folders)")
         for d in [*args.data, *([args.noise] if args.noise else [])]:
             if not d.is_dir():
-                raise StreamKWSError(f"{d}: folder not found")
+                raise no_folder(d, "noise folder" if d is args.noise else "data folder")
+        # Values first: a refused run must not leave the folders check_output makes.
+        if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
+            raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
+                                 f"of speech over the noise bed (got {args.snr:g})")
+        if args.per_keyword < 1 or args.unknown < 0:
+            raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
+        keywords = None
+        if args.keywords is not None:  # "" is a mistake, not the default ten words
+            from streamkws.data import labels_for
+
+            keywords = list(labels_for(args.keywords.split(","))[:-2])
         out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
         # The suffix keeps a slip (--labels REC.wav) from writing labels over the recording.
         labels = (check_output(args.labels, "--labels", suffixes=(".csv",)) if args.labels
@@ -474,12 +485,6 @@ def run(args: argparse.Namespace) -> int:
             for written in (out, labels):
                 if written.resolve().is_relative_to(d.resolve()):
                     raise StreamKWSError(f"{written}: would write into the --data folder {d}")
-        if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
-            raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
-                                 f"of speech over the noise bed (got {args.snr:g})")
-        if args.per_keyword < 1 or args.unknown < 0:
-            raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
-        keywords = args.keywords.split(",") if args.keywords else None
         if keywords is None and args.model:
             from streamkws.data import SILENCE, UNKNOWN
 
@@ -495,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{info['keyword_utterances']} keyword utterances, {info['other_words']} "
                   f"other words) and {info['labels']}")
         return 0
-    if args.keywords:
+    if args.keywords is not None:
         raise StreamKWSError("--keywords goes with --build (a recording's keywords are its "
                              "model's)")
     if args.write_config and args.target_fa_per_hour is None:
@@ -560,8 +565,8 @@ def run(args: argparse.Namespace) -> int:
                         "recording even at threshold %.3f", args.target_fa_per_hour,
                         THRESHOLDS[-1])
         if args.write_config:
-            # A model given as a path is written absolute: the daemon may run elsewhere
-            # (systemd starts it in /).
+            # A model given as a path is written absolute: --model was relative to the
+            # working directory, but a config file's paths are read from its own folder.
             model = cfg.model
             if bundle.path is not None and Path(model.name).is_file():
                 model = dataclasses.replace(model, name=str(Path(model.name).resolve()))
