@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,16 +288,28 @@ def resolve_model(spec: str | Path) -> Path:
 
 
 def _what_it_is(data: bytes) -> str:
+    """What a file that did not load as a bundle looks like, as a noun phrase."""
     if not data:
         return "an empty file"
     if data.startswith(b"PK\x03\x04"):
-        return "a torch or zip file, but not one with a bundle's contents"
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)):
+                pass
+        except zipfile.BadZipFile:
+            return "a damaged or truncated zip file (a bundle cut short?)"
+        return "a torch or zip file without a bundle's contents"
     if data.startswith(b"RIFF"):
-        return "it looks like a WAV file"
-    head = data[:512].decode("utf-8", errors="replace")
-    if all(c.isprintable() or c in "\t\r\n" for c in head):
-        return "it looks like a text file"
-    return "not a torch file"
+        return "a WAV file"
+    if data[:1] == b"\x80":  # pickle protocol 2+: torch's old format, or any pickle
+        return "a Python pickle, not a bundle"
+    try:
+        head = data[:512].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Cut mid-character at the 512th byte is still text; anything else is not.
+        head = "" if exc.start < 509 else data[:exc.start].decode("utf-8")
+    if head and all(c.isprintable() or c in "\t\r\n" for c in head):
+        return "a text file"
+    return "unknown binary data"
 
 
 def load_bundle(spec: str | Path) -> Bundle:
@@ -346,6 +359,9 @@ def _quiet_loading():
 
     with quiet_ao_deprecation(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated",
+                                category=UserWarning)
+        # About a foreign pickle (protocol 4): it is refused anyway, and said once.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol",
                                 category=UserWarning)
         yield
 

@@ -199,18 +199,28 @@ def test_a_class_with_nothing_to_measure_has_no_recall_rather_than_zero():
 
 
 @pytest.mark.parametrize(("make", "what"), [
-    (lambda p: p.write_text("hello\n"), "it looks like a text file"),
+    (lambda p: p.write_text("hello\n"), "a text file"),
     (lambda p: p.write_bytes(b""), "an empty file"),
-    (lambda p: p.write_bytes(b"RIFF" + bytes(100)), "it looks like a WAV file"),
+    (lambda p: p.write_bytes(b"RIFF" + bytes(100)), "a WAV file"),
     (lambda p: __import__("torch").save({"net": __import__("torch").nn.Linear(2, 2)}, p),
-     "a torch or zip file, but not one with a bundle's contents"),
-    (lambda p: p.write_bytes(bytes(range(256)) * 4), "not a torch file"),
+     "a torch or zip file without a bundle's contents"),
+    (lambda p: p.write_bytes(__import__("streamkws.bundle").bundle.load_bundle(
+        "default-float").path.read_bytes()[:5000]),
+     "a damaged or truncated zip file (a bundle cut short?)"),
+    (lambda p: p.write_bytes(__import__("pickle").dumps({"a": 1})),
+     "a Python pickle, not a bundle"),
+    (lambda p: p.write_bytes(b"\xff\xfe" + bytes(range(256)) * 4), "unknown binary data"),
 ])
 def test_a_file_that_is_not_a_bundle_is_named_as_what_it_is(tmp_path, capsys, make, what):
     """Never torch's own text: a pickled module would get advice to load it unsafely."""
+    import warnings
+
     bad = tmp_path / "bad.skw"
     make(bad)
-    assert main(["run", "--model", str(bad), "--source", "demo", "--fast"]) == 2
+    with warnings.catch_warnings(record=True) as printed:
+        warnings.simplefilter("always")
+        assert main(["run", "--model", str(bad), "--source", "demo", "--fast"]) == 2
+    assert not printed  # a warning torch prints would be a second and third line
     err = capsys.readouterr().err.strip()
     assert err == f"streamkws run: error: {bad}: not a streamkws model bundle ({what})"
 
