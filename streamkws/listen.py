@@ -144,7 +144,7 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
     warned: set[int] = set()
     link = _Link(connect, started)
     if told_why:  # the user already knows why no connection is coming
-        link.warn_at = None
+        link.warn_at, link.told = None, True
     while True:
         now = time.monotonic()
         deadlines = [link.warn_at] if link.warn_at is not None else []
@@ -268,7 +268,8 @@ def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int], link: _
         elif event in _HANDSHAKE_FAILURES and event not in warned:
             # ZeroMQ retries forever and silently; say once why nothing arrives.
             warned.add(event)
-            link.warn_at = None  # this says why, more precisely than "not connected"
+            # This says why, more precisely than "not connected"; a later success is news.
+            link.warn_at, link.told = None, True
             log.warning("%s: %s", connect, _HANDSHAKE_FAILURES[event])
 
 
@@ -287,8 +288,8 @@ def _positive_float(text: str) -> float:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    if not 0 < x < float("inf"):  # NaN fails too; inf overflows the poll's timeout
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text})")
     return x
 
 

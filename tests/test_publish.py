@@ -575,6 +575,25 @@ def test_listen_says_when_a_late_publisher_is_reached_after_all(
     assert json.loads(out.getvalue())["type"] == "status"
 
 
+def test_listen_says_when_it_connects_after_saying_why_it_could_not(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """After 'the publisher refused our key' the user waits for news; a success is news."""
+    import streamkws.listen as L
+
+    def from_list(events: list[int], flags: int = 0) -> dict:  # a monitor socket, faked
+        if not events:
+            raise zmq.Again()
+        return {"event": events.pop(0)}
+
+    monkeypatch.setattr(L, "recv_monitor_message", from_list)
+    link, warned = L._Link("tcp://x", time.monotonic()), set()
+    L._handle_monitor([zmq.EVENT_HANDSHAKE_FAILED_AUTH], "tcp://x", warned, link)
+    L._handle_monitor([zmq.EVENT_HANDSHAKE_SUCCEEDED], "tcp://x", warned, link)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 2 and "refused our key" in said[0]
+    assert said[1].startswith("tcp://x: connected after")
+
+
 def test_listen_is_silent_about_a_publisher_it_reaches_at_once(
         make_pub: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -621,7 +640,8 @@ def test_listen_arguments(make_pub: Callable[..., Publisher]) -> None:
             args.timeout) == (DEFAULT_CONNECT, None, None, None, None, None)
     args = parser.parse_args(["--topic", "status", "--topic", "detection", "--count", "2"])
     assert args.topic == ["status", "detection"] and args.count == 2
-    for bad in (["--count", "0"], ["--timeout", "-1"], ["--count", "x"]):
+    for bad in (["--count", "0"], ["--timeout", "-1"], ["--timeout", "inf"],
+                ["--timeout", "nan"], ["--count", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
