@@ -106,7 +106,7 @@ def load_dataset(
     """Read either layout. ``split`` (train/validation/testing) applies to layout 2 only."""
     root = Path(root)
     if not root.is_dir():
-        raise StreamKWSError(f"{root}: not a directory")
+        raise no_folder(root)
     labels = tuple(labels)
     if is_speech_commands_download(root):
         ds = _load_download(root, labels, split or "testing", silence_fraction, seed)

@@ -114,8 +114,11 @@ def test_other_rates_and_corrupt_files_are_converted_or_reported(tmp_path, speec
 
 
 def test_empty_or_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(StreamKWSError, match="not a directory"):
+    with pytest.raises(StreamKWSError, match="nope: data folder not found"):
         load_dataset(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(StreamKWSError, match="notes.txt: is a file, not a data folder"):
+        load_dataset(tmp_path / "notes.txt")
     with pytest.raises(StreamKWSError, match="no audio clips found"):
         load_dataset(tmp_path)
 

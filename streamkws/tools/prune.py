@@ -53,7 +53,7 @@ from streamkws.data import (
     load_noise,
     speaker_split,
 )
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, no_folder
 from streamkws.features import FrontEndConfig, LogMel
 from streamkws.tools.outputs import check_output
 from streamkws.tools.train import accuracy, score
@@ -134,7 +134,7 @@ class PruneConfig:
             raise StreamKWSError("--finetune needs --data DIR to train on")
         for name, path in (("--data", self.data), ("--noise", self.noise)):
             if path is not None and not Path(path).is_dir():
-                raise StreamKWSError(f"{name} {path}: not a directory")
+                raise no_folder(path, f"{name} folder")
         return self
 
 

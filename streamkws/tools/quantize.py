@@ -358,7 +358,8 @@ def quantize(
         # Only "default" ships a float twin; "accurate" ships quantized only.
         hint = {"default": " (--model default-float)",
                 "accurate": " (accurate ships only quantized: a float pair is "
-                            "'streamkws ensemble --model default-float --model HEAD.skw', "
+                            "'streamkws ensemble --model default-float --model HEAD.skw "
+                            "--out accurate-float.skw', "
                             "HEAD.skw a float speech-embedding head)"}.get(bundle.name, "")
         raise StreamKWSError(
             f"model '{bundle.name}' is already quantized ({bundle.quantization}); quantize "
@@ -616,7 +617,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).is_dir():
         raise no_folder(args.data)
     if args.calibration is not None and not Path(args.calibration).is_dir():
-        raise StreamKWSError(f"{args.calibration}: calibration folder not found")
+        raise no_folder(args.calibration, "calibration folder")
     qb = quantize(src, args.mode, calibration=args.calibration,
                   calibration_clips=args.calibration_clips, engine=args.engine,
                   dynamic=args.dynamic, static=args.static, skip=args.skip, name=out.stem)
