@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from streamkws import __version__
-from streamkws.errors import EXIT_USER_ERROR, StreamKWSError, no_folder
+from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, StreamKWSError, no_folder
 
 log = logging.getLogger("streamkws")
 
@@ -257,17 +257,8 @@ def _positive(text: str) -> int:
     return n
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line like every other user error (its usage block
-    before them is a second and third line); ``--help`` still shows the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR,
-                  f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    p = _Parser(prog="streamkws", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"streamkws {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

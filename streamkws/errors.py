@@ -6,9 +6,10 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
 """Exit status for an error the user can fix (argparse uses the same for bad arguments)."""
@@ -34,6 +35,28 @@ class ConfigFileError(ConfigError):
     def __init__(self, path: str, message: str) -> None:
         self.key = path
         StreamKWSError.__init__(self, f"{path}: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other user error (its usage block
+    before them is a second and third line); ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR,
+                  f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        # argparse reports a subcommand's unknown option as the top level's, pointing at
+        # 'streamkws --help', which does not list it; the subcommand's parser does.
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner: argparse.ArgumentParser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    owner = action.choices.get(getattr(ns, action.dest, None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
 
 
 def no_folder(path: object, what: str = "data folder") -> StreamKWSError:

@@ -120,7 +120,8 @@ def test_audit_data_lists_at_least_one_clip(tmp_path):
     (["listen", "--count", "0"], "streamkws listen: error: argument --count: must be at least "
                                  "1 (got 0) (see 'streamkws listen --help')"),
     (["trian"], "streamkws: error: argument COMMAND: invalid choice: 'trian'"),
-    (["run", "--fats"], "streamkws: error: unrecognized arguments: --fats"),
+    (["run", "--fats"], "streamkws run: error: unrecognized arguments: --fats "
+                        "(see 'streamkws run --help')"),
 ])
 def test_a_command_line_argparse_refuses_is_one_line_too(capsys, argv, line):
     with pytest.raises(SystemExit) as exc:

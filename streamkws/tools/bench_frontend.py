@@ -10,7 +10,6 @@ reports process CPU seconds per audio second, the median of several runs, for ea
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,7 @@ import numpy as np
 from streamkws.audio.ring import RingBuffer
 from streamkws.audio.wav import WavSource, load_audio
 from streamkws.config import Config, WindowConfig
+from streamkws.errors import ArgumentParser
 from streamkws.frontend import FrontEnd
 from streamkws.vad import VadConfig
 
@@ -87,7 +87,8 @@ def run_once(wav: Path, vad: VadConfig, hop_ms: int = 100) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m streamkws.tools.bench_frontend",
+                        description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=default_data_dir())
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--repeats", type=int, default=3)

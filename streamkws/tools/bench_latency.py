@@ -24,11 +24,12 @@ import zmq
 from streamkws.config import Config
 from streamkws.daemon import Daemon, Overrides, apply_overrides
 from streamkws.data import KEYWORDS
-from streamkws.errors import StreamKWSError, exit_status
+from streamkws.errors import ArgumentParser, StreamKWSError, exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m streamkws.tools.bench_latency",
+                        description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared"
                     / "data")
     ap.add_argument("--keywords-per-word", type=int, default=2)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
 from streamkws.config import DetectConfig
-from streamkws.errors import StreamKWSError, exit_status
+from streamkws.errors import ArgumentParser, StreamKWSError, exit_status
 from streamkws.models.quant import quantize_dynamic
 from streamkws.tools import calibration as cal
 from streamkws.tools.ensemble import build_ensemble
@@ -27,7 +27,8 @@ from streamkws.tools.make_default import ATTRIBUTION, latency_ms, validation_met
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m streamkws.tools.make_accurate",
+                        description=__doc__.splitlines()[0])
     ap.add_argument("head", type=Path, help="the float speech_embedding bundle")
     ap.add_argument("--cnn", default="default-float", help="the float CNN (default: %(default)s)")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))

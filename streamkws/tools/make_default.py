@@ -15,7 +15,7 @@ from pathlib import Path
 
 from streamkws.bundle import BUNDLED_DIR, Bundle, load_bundle
 from streamkws.data import ClipCache, load_dataset, speaker_split
-from streamkws.errors import exit_status
+from streamkws.errors import ArgumentParser, exit_status
 from streamkws.models.quant import quantize_dynamic
 from streamkws.tools.calibration import (
     choose_threshold,
@@ -47,7 +47,8 @@ def validation_metrics(bundle: Bundle, data: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m streamkws.tools.make_default",
+                        description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path, help="the trained float bundle")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=BUNDLED_DIR)

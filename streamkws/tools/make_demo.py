@@ -8,11 +8,11 @@ model's training (its speaker-disjoint validation split), over a quiet real nois
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from streamkws.audio.wav import load_audio
 from streamkws.data import KEYWORDS, load_dataset, load_noise, speaker_split
+from streamkws.errors import ArgumentParser
 from streamkws.tools.streams import build_stream, speech_contrast_db, write_labels, write_wav
 
 OUT = Path(__file__).resolve().parents[1] / "data"
@@ -21,7 +21,8 @@ ATTRIBUTION = "Speech Commands dataset, P. Warden, 2018, arXiv:1804.03209, CC BY
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m streamkws.tools.make_demo",
+                        description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--seed", type=int, default=0, help="the split seed of the default model")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from streamkws import SAMPLE_RATE
-from streamkws.errors import StreamKWSError, exit_status
+from streamkws.errors import ArgumentParser, StreamKWSError, exit_status
 from streamkws.tools.bench import proc_status_kb, receive
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def plot_memory(r: dict, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m streamkws.tools.soak", description=__doc__)
+    p = ArgumentParser(prog="python -m streamkws.tools.soak", description=__doc__)
     p.add_argument("--hours", type=float, default=2.0, help="audio to feed (default 2)")
     p.add_argument("--audio", type=Path, help="recording to loop (default: build 10 min of "
                                                "real speech from --data)")

@@ -46,7 +46,7 @@ import numpy as np
 
 from streamkws import SAMPLE_RATE
 from streamkws.audio.wav import load_audio
-from streamkws.errors import AudioError
+from streamkws.errors import ArgumentParser, AudioError
 
 log = logging.getLogger(__name__)
 
@@ -556,7 +556,7 @@ def _split(s: str | None) -> list[str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streamkws.tools.synth", description=__doc__,
+    ap = ArgumentParser(prog="python -m streamkws.tools.synth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="output folder")
     ap.add_argument("--words", help="comma-separated keywords (default: the 10 commands)")

@@ -22,7 +22,6 @@ speech-band check, or both extra checks of the WebRTC detector, turned off.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,6 +33,7 @@ import numpy as np
 
 from streamkws.audio.chunk import Chunk
 from streamkws.audio.wav import load_audio
+from streamkws.errors import ArgumentParser
 from streamkws.vad import VadConfig, VadGate
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -216,7 +216,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streamkws.tools.vad_report", description=__doc__
+    ap = ArgumentParser(prog="python -m streamkws.tools.vad_report", description=__doc__
                                  .split("\n")[0])  # fmt: skip
     ap.add_argument("--data", type=Path, default=None,
                     help="data folder (default: $STREAMKWS_DATA or ../shared/data)")  # fmt: skip
