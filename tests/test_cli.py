@@ -240,3 +240,22 @@ def test_a_file_where_a_folder_belongs_and_back_is_named_for_what_it_is(tmp_path
     assert main([a.format(**fill) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"error: {message.format(**fill)}"), err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--minutes", "1", "--workdir", "{file}"], "--workdir {file}: is a file, not a "
+                                                         "folder"),
+    (["bench", "--minutes", "1", "--workdir", "/proc/streamkws/x"],
+     "--workdir /proc/streamkws/x: cannot create it"),
+    (["bench", "--minutes", "1", "--peer", "on", "--peer-python", "{tmp}/nopython"],
+     "--peer-python {tmp}/nopython: cannot run it"),
+    (["quantize", "--sweep", "--data", "{tmp}", "--out-solution", "/proc/streamkws/s.yaml"],
+     "--out-solution /proc/streamkws/s.yaml: cannot create /proc/streamkws"),
+])
+def test_a_place_that_cannot_be_written_or_run_is_named_with_its_option(tmp_path, capsys,
+                                                                        argv, message):
+    (tmp_path / "a.txt").write_text("x")
+    fill = {"file": str(tmp_path / "a.txt"), "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(**fill) in err, err

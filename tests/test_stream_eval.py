@@ -220,7 +220,7 @@ def test_config_dump_reads_back_to_the_same_config():
 @pytest.mark.parametrize("content, message", [
     ("word,begin\nyes,1\n", "needs a header 'keyword,start,end'"),
     ("keyword,start,end\nyes,abc,2\n", ":2: expected keyword,start,end"),
-    ("keyword,start,end\nyes,3,2\n", "0 <= start < end"),
+    ("keyword,start,end\nyes,3,2\n", "0 <= start < end (got 'yes', 3, 2)"),
 ])
 def test_a_bad_label_file_is_one_error_line_naming_the_file(recording, tmp_path, content,
                                                             message):

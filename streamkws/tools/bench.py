@@ -79,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if args.workdir:
             work = args.workdir
-            work.mkdir(parents=True, exist_ok=True)
+            if work.exists() and not work.is_dir():
+                raise StreamKWSError(f"--workdir {work}: is a file, not a folder")
+            try:
+                work.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StreamKWSError(f"--workdir {work}: cannot create it "
+                                     f"({exc.strerror or exc})") from None
         else:  # ~40 MB of recordings: not left behind unless asked for
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="streamkws-bench-")))
@@ -316,8 +322,12 @@ def _peer_python(args: argparse.Namespace) -> str | None:
     if args.peer == "off":
         return None
     python = args.peer_python or sys.executable
-    probe = subprocess.run([python, "-c", "import openwakeword, onnxruntime"],
-                           capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", "import openwakeword, onnxruntime"],
+                               capture_output=True, text=True)
+    except OSError as exc:  # no such program, or not one that can run
+        raise StreamKWSError(f"--peer-python {python}: cannot run it "
+                             f"({exc.strerror or exc})") from None
     if probe.returncode == 0:
         return python
     if args.peer == "on":

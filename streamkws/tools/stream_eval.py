@@ -84,7 +84,8 @@ def read_labels(path: str | Path) -> list[Utterance]:
                                      f"with times in seconds, got {row}") from None
             if not (0 <= u.start < u.end) or not u.keyword:
                 raise StreamKWSError(f"{p}:{reader.line_num}: need a keyword and "
-                                     f"0 <= start < end (got {u})")
+                                     f"0 <= start < end (got {u.keyword!r}, {u.start:g}, "
+                                     f"{u.end:g})")
             out.append(u)
     return sorted(out, key=lambda u: u.start)
 

@@ -727,6 +727,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     if isinstance(bits, str):
         bits = _bits_list(bits)
     bundle = load_bundle(getattr(args, "model", None) or "default-float")
+    if getattr(args, "out_solution", None):  # before the sweep's minutes, not after
+        from streamkws.tools.outputs import check_output
+
+        check_output(args.out_solution, "--out-solution", inputs=(bundle.path,))
     as_json = bool(getattr(args, "json", False))
     r = sweep(bundle, args.data, bits, getattr(args, "margin", 0.01),
               getattr(args, "calib_clips", 256), progress=not as_json)
