@@ -316,7 +316,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--extra", action="append", metavar="DIR",
                    help="training-only data, e.g. synthetic speech (repeatable)")
     t.add_argument("--noise", metavar="DIR", help="background noise recordings for mixing")
-    t.add_argument("--arch", default="dscnn", help="architecture name (default: dscnn)")
+    t.add_argument("--arch", default="dscnn",
+                   help="dscnn (default), mobilenetv2 (the shipped default's), bcresnet "
+                        "(bcresnet1-3: its widths), tutorial_cnn, or speech_embedding (with "
+                        "--backbone)")
     t.add_argument("--arch-arg", action="append", metavar="NAME=VALUE",
                    help="architecture option, e.g. scale=2 (repeatable)")
     t.add_argument("--epochs", type=int, default=40, help="at most this many (default 40)")

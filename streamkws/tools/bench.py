@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="openWakeWord comparison: auto = when installed")
     p.add_argument("--peer-python", metavar="PY",
                    help="a Python interpreter that has openwakeword and onnxruntime")
-    p.add_argument("--peer-model", default="hey_jarvis", help="openWakeWord model to run")
+    p.add_argument("--peer-model", default="hey_jarvis",
+                   help="openWakeWord model to run (default hey_jarvis)")
     p.add_argument("--workdir", type=Path, help="keep the built recordings here")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a trained float bundle (repeat: two or more, or one with --warp)")
     p.add_argument("--warp", metavar="R:N",
                    help="also average each window over N frequency warps within 1 +- R "
-                        "(e.g. 0.15:5): N times the work per window")
+                        f"(0 < R <= {MAX_WARP:g}, 2 <= N <= 9; e.g. 0.15:5): N times the "
+                        "work per window")
     p.add_argument("--name", help="model name recorded in the bundle (default: file stem)")
     p.add_argument("--out", required=True, metavar="M", help="bundle file to write")
 

@@ -440,14 +440,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
                    help="seconds between placed words (each keeps 150 ms of its recording "
                         "either side), drawn uniformly (default 1.5:3.5)")
-    b.add_argument("--per-keyword", type=int, default=10, help="utterances of each keyword")
-    b.add_argument("--unknown", type=int, default=50, help="other words as distractors")
+    b.add_argument("--per-keyword", type=int, default=10,
+                   help="utterances of each keyword (default 10)")
+    b.add_argument("--unknown", type=int, default=50,
+                   help="other words as distractors (default 50)")
     b.add_argument("--speakers", choices=("all", "heldout"), default="all",
                    help="heldout: only the validation speakers of the default training split")
     b.add_argument("--min-contrast-db", type=float, default=20.0,
                    help="skip keyword clips whose word stands less than this above their "
                         "own background (some recordings hold no audible word)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0,
+                   help="which clips, in which order and spacing (default 0)")
 
 
 def _gap(text: str) -> tuple[float, float]:
