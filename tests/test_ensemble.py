@@ -222,3 +222,18 @@ def test_warp_options_that_a_bundle_could_carry_wrongly_are_refused_by_name():
                     warp_factors=[0.9, 1.1], band_centres_hz=centres[::-1])
     with pytest.raises(StreamKWSError, match="two or more members"):
         build_model("ensemble", n_classes=4, n_frames=98, n_mels=40, members=spec)
+
+
+def test_the_same_model_twice_is_built_but_not_in_silence(tiny_bundle, second_member,
+                                                          tmp_path, capsys, caplog):
+    import shutil
+
+    copy = tmp_path / "copy.skw"
+    shutil.copy(tiny_bundle.path, copy)
+    args = ["ensemble", "--model", str(tiny_bundle.path), "--model", str(second_member.path),
+            "--model", str(copy), "--out", str(tmp_path / "e.skw")]
+    assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"--model {copy} is the same model as {tiny_bundle.path}: it counts "
+                    "twice in the mean"]
+    assert len(json.loads(capsys.readouterr().out)["members"]) == 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from streamkws.errors import StreamKWSError
 from streamkws.features import mel_centres_hz, warp_factors
 from streamkws.models import build_model
 from streamkws.tools.outputs import check_output
+
+log = logging.getLogger(__name__)
 
 MAX_WARP = 0.3
 """Widest warp ``--warp`` takes (factors 0.77-1.3, about the spread of adult vocal-tract
@@ -110,6 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     bundles = [load_bundle(m) for m in args.model]
+    seen: dict[str, str] = {}
+    for given, b in zip(args.model, bundles, strict=True):
+        if b.sha256 in seen:
+            # Allowed (it weights that member up), but more often a slip than a choice.
+            log.warning("--model %s is the same model as %s: it counts twice in the mean",
+                        given, seen[b.sha256])
+        seen.setdefault(b.sha256, given)
     out = check_output(args.out, inputs=tuple(b.path for b in bundles))
     warp = parse_warp(args.warp) if args.warp else None
     ens = build_ensemble(bundles, args.name or out.stem, warp)
