@@ -332,6 +332,19 @@ def test_build_refuses_an_snr_it_cannot_honour_and_writes_nothing(data_dir, tmp_
     assert not out.parent.exists()  # not even the folder it would have been written in
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("--per-keyword=100000", "--per-keyword must be within 1..500 (got 100000)"),
+    ("--per-keyword=0", "--per-keyword must be within 1..500 (got 0)"),
+    ("--unknown=-1", "--unknown must be within 0..5000 (got -1)"),
+])
+def test_build_refuses_a_recording_too_long_to_be_meant(data_dir, tmp_path, option, message):
+    out = tmp_path / "new" / "rec.wav"
+    r = streamkws("stream-eval", str(out), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), option)
+    assert r.returncode == 2 and r.stderr.strip().endswith(message), r.stderr
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize("build", [True, False])
 def test_an_empty_keyword_list_is_refused_not_read_as_the_default_ten(data_dir, tmp_path,
                                                                       build):

@@ -48,6 +48,9 @@ THRESHOLDS = np.round(np.concatenate([np.arange(0.05, 0.9, 0.05), np.arange(0.9,
                                       [0.995, 0.999]]), 3)
 """The thresholds a DET curve and calibration try (denser near 1, where operating points lie)."""
 
+MAX_PER_KEYWORD = 500
+MAX_UNKNOWN = 5000
+
 SNR_RANGE = (-20.0, 60.0)
 """The --snr a built recording can honour. Words are placed near -26 dBFS: 60 dB under them
 the noise bed is at the 16-bit floor and rounds away; at -20 dB the bed is near full scale
@@ -441,9 +444,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between placed words (each keeps 150 ms of its recording "
                         "either side), drawn uniformly (default 1.5:3.5)")
     b.add_argument("--per-keyword", type=int, default=10,
-                   help="utterances of each keyword (default 10)")
+                   help=f"utterances of each keyword, 1..{MAX_PER_KEYWORD} (default 10)")
     b.add_argument("--unknown", type=int, default=50,
-                   help="other words as distractors (default 50)")
+                   help=f"other words as distractors, 0..{MAX_UNKNOWN} (default 50)")
     b.add_argument("--speakers", choices=("all", "heldout"), default="all",
                    help="heldout: only the validation speakers of the default training split")
     b.add_argument("--min-contrast-db", type=float, default=20.0,
@@ -474,8 +477,14 @@ def run(args: argparse.Namespace) -> int:
         if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
             raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
                                  f"of speech over the noise bed (got {args.snr:g})")
-        if args.per_keyword < 1 or args.unknown < 0:
-            raise StreamKWSError("--per-keyword must be 1 or more and --unknown 0 or more")
+        # Each placed word takes ~4 s with its gap: 10 keywords x 500 + 5000 others is
+        # already ~11 hours (1.3 GB); beyond that a typo (100000) fills the disk.
+        if not 1 <= args.per_keyword <= MAX_PER_KEYWORD:
+            raise StreamKWSError(f"--per-keyword must be within 1..{MAX_PER_KEYWORD} "
+                                 f"(got {args.per_keyword})")
+        if not 0 <= args.unknown <= MAX_UNKNOWN:
+            raise StreamKWSError(f"--unknown must be within 0..{MAX_UNKNOWN} "
+                                 f"(got {args.unknown})")
         keywords = None
         if args.keywords is not None:  # "" is a mistake, not the default ten words
             from streamkws.data import labels_for
