@@ -280,7 +280,7 @@ def resolve_model(spec: str | Path) -> Path:
         return path
     path = Path(s)
     if path.is_dir():
-        raise StreamKWSError(f"{path}: is a folder, not a model bundle file")
+        raise StreamKWSError(f"{path}: is a folder; give a model bundle file (.skw)")
     if not path.is_file():
         names = ", ".join(BUNDLED)
         raise StreamKWSError(f"{path}: no such model bundle (bundled models: {names})")

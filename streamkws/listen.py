@@ -125,7 +125,7 @@ def _setup_curve_client(sub: zmq.Socket, server_key: str, client_key: str | None
 def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
     p = Path(path).expanduser()
     if p.is_dir():
-        raise StreamKWSError(f"{option}: {p} is a folder; give the key file")
+        raise StreamKWSError(f"{option} {p}: is a folder; give the key file")
     if not p.is_file():
         raise StreamKWSError(f"{option}: no such key file: {p}")
     try:

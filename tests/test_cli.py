@@ -230,7 +230,7 @@ def test_a_file_that_is_not_a_bundle_is_named_as_what_it_is(tmp_path, capsys, ma
     (["train", "--data", "{file}", "--out", "{tmp}/m.skw"], "{file}: is a file, not a data folder"),
     (["train", "--data", "{tmp}/none", "--out", "{tmp}/m.skw"],
      "{tmp}/none: data folder not found"),
-    (["listen", "--server-key", "{tmp}"], "--server-key: {tmp} is a folder; give the key file"),
+    (["listen", "--server-key", "{tmp}"], "--server-key {tmp}: is a folder; give the key file"),
     (["run", "--source", "wav:"], "wav: needs a file's path, e.g. wav:meeting.wav"),
 ])
 def test_a_file_where_a_folder_belongs_and_back_is_named_for_what_it_is(tmp_path, capsys,
