@@ -485,11 +485,13 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.unknown <= MAX_UNKNOWN:
             raise StreamKWSError(f"--unknown must be within 0..{MAX_UNKNOWN} "
                                  f"(got {args.unknown})")
-        keywords = None
-        if args.keywords is not None:  # "" is a mistake, not the default ten words
-            from streamkws.data import labels_for
+        from streamkws.data import SILENCE, UNKNOWN, labels_for
 
-            keywords = list(labels_for(args.keywords.split(","))[:-2])
+        # The keywords given ("" is a mistake, not the default ten words), else the model's.
+        label_set = (labels_for(args.keywords.split(",")) if args.keywords is not None
+                     else load_bundle(args.model).labels if args.model else None)
+        keywords = None if label_set is None else [lb for lb in label_set
+                                                   if lb not in (SILENCE, UNKNOWN)]
         out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
         # The suffix keeps a slip (--labels REC.wav) from writing labels over the recording.
         labels = (check_output(args.labels, "--labels", suffixes=(".csv",)) if args.labels
@@ -498,11 +500,6 @@ def run(args: argparse.Namespace) -> int:
             for written in (out, labels):
                 if written.resolve().is_relative_to(d.resolve()):
                     raise StreamKWSError(f"{written}: would write into the --data folder {d}")
-        if keywords is None and args.model:
-            from streamkws.data import SILENCE, UNKNOWN
-
-            keywords = [lb for lb in load_bundle(args.model).labels
-                        if lb not in (SILENCE, UNKNOWN)]
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
                      args.min_contrast_db, keywords, labels_out=labels)
