@@ -56,7 +56,7 @@ from streamkws.data import (
 from streamkws.errors import StreamKWSError, no_folder
 from streamkws.features import FrontEndConfig, LogMel
 from streamkws.tools.outputs import check_output
-from streamkws.tools.train import accuracy, score
+from streamkws.tools.train import accuracy, check_count, score
 
 log = logging.getLogger(__name__)
 
@@ -986,9 +986,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if not 0 <= args.threads <= 1024:
-        raise StreamKWSError(f"--threads must be within 0..1024 (got {args.threads}) "
-                             "(0: torch's choice)")
+    check_count("--threads", args.threads, 0, 1024, " (0: torch's choice)")  # as train's
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model)

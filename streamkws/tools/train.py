@@ -105,8 +105,8 @@ class TrainConfig:
         if self.ema or self.teacher:
             raise StreamKWSError("--backbone trains a head on embeddings computed once; "
                                  "--ema and --teacher do not apply to it")
-        _check_count("--passes", self.passes, 1, 100)
-        _check_count("--unfreeze", self.unfreeze, 0, MAX_UNFREEZE,
+        check_count("--passes", self.passes, 1, 100)
+        check_count("--unfreeze", self.unfreeze, 0, MAX_UNFREEZE,
                      "; earlier layers' maps are too large to cache")
         if self.unfreeze and self.arch_kwargs.get("high_bands"):
             raise StreamKWSError("--unfreeze and --arch-arg high_bands do not go together "
@@ -122,7 +122,7 @@ class Split:
     ds: Dataset
 
 
-def _check_count(flag: str, value: object, low: int, high: int, why: str = "") -> None:
+def check_count(flag: str, value: object, low: int, high: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise StreamKWSError(f"{flag} must be within {low}..{high} (got {value!r}){why}")
 
@@ -622,10 +622,10 @@ def _progress(total: int, enabled: bool, desc: str = "training", unit: str = "st
 
 
 def config_from_args(args) -> TrainConfig:
-    _check_count("--epochs", args.epochs, 1, 100_000)
-    _check_count("--batch-size", args.batch_size, 1, 65_536)
-    _check_count("--patience", args.patience, 1, 100_000)
-    _check_count("--threads", args.threads, 0, 1024, " (0: torch's choice)")
+    check_count("--epochs", args.epochs, 1, 100_000)
+    check_count("--batch-size", args.batch_size, 1, 65_536)
+    check_count("--patience", args.patience, 1, 100_000)
+    check_count("--threads", args.threads, 0, 1024, " (0: torch's choice)")
     # "not within" rather than "outside": NaN must fail too.
     checks = (("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1,
                "within (0, 1)"),
