@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 FORMAT = "streamkws-bundle"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-BUNDLED = BUNDLED_MODELS
 
 
 # Quantization modes register how to rebuild their module structure from metadata, so a
@@ -273,8 +272,8 @@ def new_bundle(
 def resolve_model(spec: str | Path) -> Path:
     """A bundle path, or the name of a model shipped in the package."""
     s = str(spec)
-    if s in BUNDLED:
-        path = BUNDLED_DIR / BUNDLED[s]
+    if s in BUNDLED_MODELS:
+        path = BUNDLED_DIR / BUNDLED_MODELS[s]
         if not path.is_file():
             raise StreamKWSError(f"the bundled model '{s}' is missing from the package ({path})")
         return path
@@ -282,7 +281,7 @@ def resolve_model(spec: str | Path) -> Path:
     if path.is_dir():
         raise StreamKWSError(f"{path}: is a folder; give a model bundle file (.skw)")
     if not path.is_file():
-        names = ", ".join(BUNDLED)
+        names = ", ".join(BUNDLED_MODELS)
         raise StreamKWSError(f"{path}: no such model bundle (bundled models: {names})")
     return path
 

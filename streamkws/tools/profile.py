@@ -58,7 +58,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamkws.bundle import BUNDLED, Bundle, load_bundle, tensors_in, weight_bytes
+from streamkws.bundle import Bundle, load_bundle, tensors_in, weight_bytes
+from streamkws.config import BUNDLED_MODELS
 from streamkws.errors import StreamKWSError, no_folder
 from streamkws.models.quant import quiet_ao_deprecation
 
@@ -259,7 +260,7 @@ def example_input(bundle: Bundle, batch: int = 1, seed: int = 0) -> torch.Tensor
 
 def display_name(spec: str | Path) -> str:
     s = str(spec)
-    return s if s in BUNDLED else Path(s).name
+    return s if s in BUNDLED_MODELS else Path(s).name
 
 
 def profile_bundle(bundle: Bundle, data: str | Path | None = None, runs: int = DEFAULT_RUNS,
