@@ -141,10 +141,9 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
     poller.register(monitor, zmq.POLLIN)
     received = 0
     started = last = time.monotonic()
-    warned: set[int] = set()
     link = _Link(connect, started)
-    if told_why:  # the user already knows why no connection is coming
-        link.warn_at, link.told = None, True
+    if told_why:
+        link.explained()
     while True:
         now = time.monotonic()
         deadlines = [link.warn_at] if link.warn_at is not None else []
@@ -159,7 +158,7 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
         wait_ms = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
         events = dict(poller.poll(wait_ms))
         if monitor in events:
-            _handle_monitor(monitor, connect, warned, link)
+            _handle_monitor(monitor, link)
         link.check(time.monotonic())
         if sub not in events:
             continue
@@ -237,6 +236,8 @@ class _Link:
         self.warn_at: float | None = started + NOT_CONNECTED_WARN_S
         self.told = False
         self.ever = False
+        self.failures_told: set[int] = set()
+        """Handshake failures already explained since the last success."""
 
     def check(self, now: float) -> None:
         if self.warn_at is not None and now >= self.warn_at:
@@ -245,9 +246,15 @@ class _Link:
             log.warning("%s: not connected after %.0f s; still trying (is `streamkws run` "
                         "publishing there?)", self.connect, now - self.started)
 
+    def explained(self) -> None:
+        """The user was told more precisely why no connection comes than "not connected"
+        would say; a later success is news to them."""
+        self.warn_at, self.told = None, True
+
     def connected(self, now: float) -> None:
         self.warn_at = None
         self.ever = True
+        self.failures_told.clear()
         if self.told:  # the user saw the warning: say that it no longer holds
             self.told = False
             log.warning("%s: connected after %.0f s", self.connect, now - self.started)
@@ -255,7 +262,7 @@ class _Link:
             log.debug("connected to %s", self.connect)
 
 
-def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int], link: _Link) -> None:
+def _handle_monitor(monitor: zmq.Socket, link: _Link) -> None:
     while True:
         try:
             evt = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -263,14 +270,12 @@ def _handle_monitor(monitor: zmq.Socket, connect: str, warned: set[int], link: _
             return
         event = evt["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            warned.clear()
             link.connected(time.monotonic())
-        elif event in _HANDSHAKE_FAILURES and event not in warned:
+        elif event in _HANDSHAKE_FAILURES and event not in link.failures_told:
             # ZeroMQ retries forever and silently; say once why nothing arrives.
-            warned.add(event)
-            # This says why, more precisely than "not connected"; a later success is news.
-            link.warn_at, link.told = None, True
-            log.warning("%s: %s", connect, _HANDSHAKE_FAILURES[event])
+            link.failures_told.add(event)
+            link.explained()
+            log.warning("%s: %s", link.connect, _HANDSHAKE_FAILURES[event])
 
 
 def _positive_int(text: str) -> int:

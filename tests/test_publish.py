@@ -586,9 +586,9 @@ def test_listen_says_when_it_connects_after_saying_why_it_could_not(
         return {"event": events.pop(0)}
 
     monkeypatch.setattr(L, "recv_monitor_message", from_list)
-    link, warned = L._Link("tcp://x", time.monotonic()), set()
-    L._handle_monitor([zmq.EVENT_HANDSHAKE_FAILED_AUTH], "tcp://x", warned, link)
-    L._handle_monitor([zmq.EVENT_HANDSHAKE_SUCCEEDED], "tcp://x", warned, link)
+    link = L._Link("tcp://x", time.monotonic())
+    L._handle_monitor([zmq.EVENT_HANDSHAKE_FAILED_AUTH], link)
+    L._handle_monitor([zmq.EVENT_HANDSHAKE_SUCCEEDED], link)
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(said) == 2 and "refused our key" in said[0]
     assert said[1].startswith("tcp://x: connected after")
