@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from streamkws import __version__
+from streamkws import __version__, logs
 from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, StreamKWSError, no_folder
 
 log = logging.getLogger("streamkws")
@@ -260,7 +260,9 @@ def _positive(text: str) -> int:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"streamkws {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging: -v info, -vv debug (run logs at info already; "
+                        "-v: debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", help="the daemon: listen, detect, publish")
@@ -418,8 +420,10 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     """
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The daemon's info lines are its lifecycle (start, device, reload, stop): what a
+    # service's journal should hold. The offline tools speak only when something is wrong.
+    base = logging.INFO if args.command == "run" else logging.WARNING
+    logs.configure(max(logging.DEBUG, base - 10 * args.verbose))
     func: Callable[[argparse.Namespace], int] = args.func
     previous = {}
     if args.command == "run" and threading.current_thread() is threading.main_thread():
@@ -436,7 +440,7 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     try:
         rc = func(args)
     except StreamKWSError as exc:
-        print(f"streamkws {args.command}: error: {exc}", file=sys.stderr)
+        print(logs.error_line(f"streamkws {args.command}: error: {exc}"), file=sys.stderr)
         rc = EXIT_USER_ERROR
     except KeyboardInterrupt:
         rc = 130
@@ -446,7 +450,8 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
         # The file system said no (a full disk, a read-only folder): a user's problem to
         # fix, so one line naming the file, not a traceback.
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"streamkws {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(logs.error_line(f"streamkws {args.command}: error: {exc.strerror or exc}{where}"),
+              file=sys.stderr)
         rc = EXIT_USER_ERROR
     finally:
         for sig, handler in previous.items():  # an in-process caller gets its own back

@@ -354,6 +354,8 @@ class Daemon:
             self._publish_status(final=True, error=error)
             self.publisher.close()
             self._restore_signals()
+            if error is None:  # a failure has said so already, with its traceback
+                log.info("stopped; %s", self._status_line())
 
     def _short_of_subscribers(self) -> str:
         want, pub = self.wait_subscribers, self.publisher

@@ -176,8 +176,9 @@ class Publisher:
             raise
         self.endpoint: str = self._bound_endpoint()
         chosen = self.endpoint != cfg.endpoint and cfg.endpoint.startswith("tcp://")
-        # A port the system chose is something the user cannot otherwise learn.
-        log.log(logging.WARNING if chosen else logging.INFO, "publishing on %s%s",
+        # A port the system chose is something the user cannot otherwise learn; the
+        # daemon's start-up line names the endpoint in every other case.
+        log.log(logging.WARNING if chosen else logging.DEBUG, "publishing on %s%s",
                 self.endpoint, " (CURVE)" if self._auth else "")
 
     # -- set-up -------------------------------------------------------------------------

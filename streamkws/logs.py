@@ -1,0 +1,69 @@
+"""Log lines for a terminal, or for systemd's journal when standard error is connected to it.
+
+The journal stamps every line itself and reads a ``<N>`` prefix as its syslog priority
+(``SyslogLevelPrefix=``, on by default). Without the prefix every line, errors included,
+would be stored at "info", and ``journalctl -p err -u streamkws`` would find nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TextIO
+
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+"""Python's level -> syslog priority (debug, info, warning, err, crit)."""
+
+TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a Python level, custom levels rounded down to the next one."""
+    known = [lv for lv in PRIORITY if lv <= levelno]
+    return PRIORITY[max(known)] if known else PRIORITY[logging.DEBUG]
+
+
+def to_journal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (standard error) is the journal stream systemd gave this process:
+    ``$JOURNAL_STREAM`` names it as ``device:inode``. A child whose stderr was redirected
+    inherits the variable but not the stream, hence the comparison."""
+    wanted = os.environ.get("JOURNAL_STREAM", "")
+    stream = sys.stderr if stream is None else stream
+    try:
+        dev, ino = (int(v) for v in wanted.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):  # unset, malformed, or no real file
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def journal_line(text: str, levelno: int) -> str:
+    """``text`` with its priority on every line (each line is its own journal entry)."""
+    tag = f"<{priority(levelno)}>"
+    return tag + text.replace("\n", "\n" + tag)
+
+
+class JournalFormatter(logging.Formatter):
+    """No time stamp (the journal has one) and a priority prefix on every line."""
+
+    def __init__(self) -> None:
+        super().__init__(JOURNAL_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return journal_line(super().format(record), record.levelno)
+
+
+def configure(level: int) -> None:
+    """Log to standard error at ``level``, formatted for where standard error goes."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if to_journal() else
+                         logging.Formatter(TERMINAL_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def error_line(text: str) -> str:
+    """A command's closing error message, at "err" priority in the journal."""
+    return journal_line(text, logging.ERROR) if to_journal() else text
