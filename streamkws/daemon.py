@@ -340,6 +340,7 @@ class Daemon:
         (a bug in processing included), close the device and the socket after a final
         status, so subscribers and systemd always hear how it ended."""
         error = None
+        self._source_failure: str | None = None
         try:
             return self._serve()
         except Exception as exc:
@@ -347,6 +348,9 @@ class Daemon:
             error = f"{type(exc).__name__}: {exc}"
             return 1
         finally:
+            # A source that broke (a file cut short, a pipe that failed) ends the run as a
+            # failure too: subscribers must not read its last status as a clean end.
+            error = error or self._source_failure
             self.notifier.stopping()
             if self.supervisor is not None:
                 self.supervisor.stop()
@@ -412,8 +416,10 @@ class Daemon:
             # sooner, and waking for every capture block would cost more than the work.
             whole_hops = self.live and not self.source.finished.is_set()
             retrying = self.supervisor is not None and self.supervisor.state == RETRYING
+            wait = min(idle_wait, 0.25) if retrying else idle_wait
+            wait = min(wait, max(0.0, next_status - time.monotonic()))  # a status is due
             chunk = self.ring.read(max_samples=hop, min_samples=hop if whole_hops else 1,
-                                   timeout=min(idle_wait, 0.25) if retrying else idle_wait)
+                                   timeout=wait)
             if chunk is not None:
                 newest = self.ring.write_position if self.live else None
                 for det in self.pipeline.process(chunk, newest):
@@ -423,7 +429,8 @@ class Daemon:
                 for det in self.pipeline.flush():
                     self._publish_detection(det)
                 if self.source.error is not None:
-                    log.error("audio source stopped: %s", self.source.error)
+                    self._source_failure = f"audio source stopped: {self.source.error}"
+                    log.error("%s", self._source_failure)
                     rc = 1
                 break
             now = time.monotonic()
@@ -431,7 +438,9 @@ class Daemon:
                 next_status = now  # subscribers hear of an outage (or its end) at once
             if now >= next_status:
                 self._publish_status()
-                next_status = now + self.cfg.publish.status_interval_s
+                # From the schedule, not from now: a status published a little late must
+                # not push every later one back ("at least every 5 s" is the contract).
+                next_status = max(next_status + self.cfg.publish.status_interval_s, now)
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
         return rc

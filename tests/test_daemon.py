@@ -344,6 +344,36 @@ def test_sigterm_while_waiting_for_subscribers_stops_at_once(tmp_path):
     assert not (tmp_path / "pub.sock").exists()  # the socket file goes with the daemon
 
 
+def test_a_source_that_breaks_ends_the_run_with_the_error_in_the_final_status(tmp_path,
+                                                                             monkeypatch):
+    """A recording cut short while read: subscribers must not take its end for a clean one."""
+    from streamkws.audio.wav import WavSource
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+    from streamkws.errors import AudioError
+
+    real_blocks = WavSource.blocks
+
+    def breaking_blocks(self):
+        for i, block in enumerate(real_blocks(self)):
+            if i == 30:
+                raise AudioError("demo.wav: file ended early (was it truncated while read?)")
+            yield block
+
+    monkeypatch.setattr(WavSource, "blocks", breaking_blocks)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=30)
+    sub.start()
+    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
+                                                        publish=endpoint))
+    assert Daemon(cfg, echo=None, wait_subscribers=1).run() == 1
+    sub.join(5)
+    last = sub.messages[-1][1]
+    assert last["type"] == "status" and last["final"] is True
+    assert last["error"] == ("audio source stopped: demo.wav: file ended early (was it "
+                             "truncated while read?)")
+
+
 def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp_path,
                                                                              monkeypatch):
     from streamkws.bundle import Bundle
