@@ -344,12 +344,23 @@ def test_sigterm_while_waiting_for_subscribers_stops_at_once(tmp_path):
     assert not (tmp_path / "pub.sock").exists()  # the socket file goes with the daemon
 
 
+def demo_daemon_heard(tmp_path):
+    """A daemon replaying the demo recording in this process, and a subscriber to it."""
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=30)
+    sub.start()
+    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
+                                                        publish=endpoint))
+    return Daemon(cfg, echo=None, wait_subscribers=1), sub
+
+
 def test_a_source_that_breaks_ends_the_run_with_the_error_in_the_final_status(tmp_path,
                                                                              monkeypatch):
     """A recording cut short while read: subscribers must not take its end for a clean one."""
     from streamkws.audio.wav import WavSource
-    from streamkws.config import load_default
-    from streamkws.daemon import Daemon, Overrides, apply_overrides
     from streamkws.errors import AudioError
 
     real_blocks = WavSource.blocks
@@ -361,12 +372,8 @@ def test_a_source_that_breaks_ends_the_run_with_the_error_in_the_final_status(tm
             yield block
 
     monkeypatch.setattr(WavSource, "blocks", breaking_blocks)
-    endpoint = f"ipc://{tmp_path}/pub.sock"
-    sub = Subscriber(endpoint, timeout=30)
-    sub.start()
-    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
-                                                        publish=endpoint))
-    assert Daemon(cfg, echo=None, wait_subscribers=1).run() == 1
+    daemon, sub = demo_daemon_heard(tmp_path)
+    assert daemon.run() == 1
     sub.join(5)
     last = sub.messages[-1][1]
     assert last["type"] == "status" and last["final"] is True
@@ -377,8 +384,6 @@ def test_a_source_that_breaks_ends_the_run_with_the_error_in_the_final_status(tm
 def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp_path,
                                                                              monkeypatch):
     from streamkws.bundle import Bundle
-    from streamkws.config import load_default
-    from streamkws.daemon import Daemon, Overrides, apply_overrides
 
     calls = []
     real_predict = Bundle.predict
@@ -390,14 +395,9 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
         return real_predict(self, features)
 
     monkeypatch.setattr(Bundle, "predict", failing_predict)
-    endpoint = f"ipc://{tmp_path}/pub.sock"
-    sub = Subscriber(endpoint, timeout=30)
-    sub.start()
-    cfg = apply_overrides(load_default(None), Overrides(source="demo", realtime=False,
-                                                        publish=endpoint))
     handlers = {sig: signal.getsignal(sig)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    daemon = Daemon(cfg, echo=None, wait_subscribers=1)
+    daemon, sub = demo_daemon_heard(tmp_path)
     assert signal.getsignal(signal.SIGHUP) != handlers[signal.SIGHUP]
     assert daemon.run() == 1
     sub.join(5)
