@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import socket
 import stat
 import threading
@@ -212,10 +213,17 @@ class Publisher:
 
     def _setup_curve(self, cfg: PublishConfig) -> None:
         path = Path(cfg.curve_secret_key).expanduser()
+        if path.is_dir():
+            raise StreamKWSError(f"publish.curve_secret_key: {path} is a folder, not a key file")
         if not path.is_file():
             raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
         try:
             public, secret = zmq.auth.load_certificate(path)
+        except PermissionError:
+            raise StreamKWSError(
+                f"publish.curve_secret_key: cannot read {path} (permission denied) as user "
+                f"{_user()}: make that user its owner (chown) and chmod 600 it"
+            ) from None
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise StreamKWSError(
                 f"publish.curve_secret_key: cannot load key pair from {path}: {exc}"
@@ -223,7 +231,7 @@ class Publisher:
         if secret is None:
             raise StreamKWSError(
                 f"publish.curve_secret_key: {path} holds only a public key; give the secret "
-                "key file (the '.key_secret' one from 'create_certificates')"
+                "key file (the '.key_secret' one that generate_keys writes)"
             )
         try:
             matches = zmq.curve_public(secret) == public
@@ -235,15 +243,15 @@ class Publisher:
                 f"publish.curve_secret_key: in {path} the public key is not the secret "
                 "key's own; make a new pair with generate_keys"
             )
-        try:
-            if path.stat().st_mode & 0o077:
-                log.warning("%s (CURVE secret key) is readable by other users; chmod 600 it",
-                            path)
-        except OSError:
-            pass
+        _check_secret_key_mode(path)
         location: str | os.PathLike[str] = zmq.auth.CURVE_ALLOW_ANY
         if cfg.curve_authorized_keys:
             location = Path(cfg.curve_authorized_keys).expanduser()
+            # Unreadable, it would look empty: "no keys" would hide "permission denied".
+            if location.is_dir() and not os.access(location, os.R_OK | os.X_OK):
+                raise StreamKWSError(
+                    f"publish.curve_authorized_keys: cannot read the folder {location} "
+                    f"(permission denied) as user {_user()}")
             # The authenticator only logs a bad folder and then lets nobody in; check it
             # here so a typo is an error at start-up instead of a silent lock-out.
             try:
@@ -391,6 +399,31 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_secret_key_mode(path: Path) -> None:
+    """Whoever can read the server's secret key can impersonate it to every subscriber.
+
+    Readable by every user: refused, as ssh refuses such a private key. Readable by a
+    group (which may hold subscribers given access to an ipc:// socket): a warning.
+    """
+    mode = path.stat().st_mode
+    if mode & 0o007:
+        raise StreamKWSError(
+            f"publish.curve_secret_key: {path} is open to every user (mode "
+            f"{stat.S_IMODE(mode):04o}); a secret key must be readable by the daemon's "
+            "user only: make that user its owner (chown) and chmod 600 it")
+    if mode & 0o070:
+        log.warning("publish.curve_secret_key: %s is readable by its group (mode %04o), "
+                    "whose members could impersonate this publisher; make the daemon's user "
+                    "its owner (chown) and chmod 600 it", path, stat.S_IMODE(mode))
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no passwd entry (containers)
+        return str(os.geteuid())
 
 
 def generate_keys(folder: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
