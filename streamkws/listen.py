@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from streamkws.stdio import silence_stdout
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5556"
+
+TOPICS = ("detection", "status")
 
 NOT_CONNECTED_WARN_S = 5.0
 """After this long without a connection to the publisher, ``listen`` says so once: ZeroMQ
@@ -59,14 +63,19 @@ def listen(
     """Print every message from ``connect`` as one JSON line on ``out``.
 
     Stops on Ctrl-C, after ``count`` messages, or after ``timeout`` seconds without one.
-    Returns 0, or 1 when ``timeout`` ran out without ever reaching the publisher.
+    Returns 0, or 1 when ``timeout`` ran out while not connected to the publisher (never
+    reached, or gone and not back).
     ``server_key``: the publisher's public key file (its ``.key`` or ``.key_secret``);
     ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
     """
     out = sys.stdout if out is None else out
-    problem = tcp_port_problem(connect)
+    problem = _connect_problem(connect)
     if problem:
-        raise StreamKWSError(f"--connect: {problem}")
+        raise StreamKWSError(f"--connect {connect}: {problem}")
+    for t in topics or []:
+        if not any(name.startswith(t) for name in TOPICS):
+            log.warning("--topic %r matches neither topic the daemon publishes (%s); "
+                        "nothing will arrive", t, ", ".join(TOPICS))
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -80,7 +89,7 @@ def listen(
             raise StreamKWSError("--client-key needs --server-key (the publisher's public key)")
         for t in topics or [""]:
             sub.setsockopt(zmq.SUBSCRIBE, t.encode("utf-8"))
-        events = zmq.EVENT_HANDSHAKE_SUCCEEDED
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         for e in _HANDSHAKE_FAILURES:
             events |= e
         monitor = sub.get_monitor_socket(events)
@@ -88,7 +97,7 @@ def listen(
             sub.connect(connect)
         except zmq.ZMQError as exc:
             raise StreamKWSError(f"cannot connect to {connect}: {exc}") from None
-        told = _warn_if_unresolvable(connect)
+        told = _warn_if_unreachable(connect)
         return _loop(sub, monitor, connect, out, count, timeout, told_why=told)
     except KeyboardInterrupt:
         return 0
@@ -149,10 +158,15 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
         deadlines = [link.warn_at] if link.warn_at is not None else []
         if timeout is not None:
             if last + timeout <= now:
-                if link.ever:
+                if link.up:
                     return 0
                 # A script waiting for a detection must tell "none came" from "no daemon".
-                log.warning("%s: never connected; giving up after %g s", connect, timeout)
+                if link.ever:
+                    log.warning("%s: the publisher went away %.0f s ago and has not come "
+                                "back; giving up", connect, now - link.lost_at)
+                else:
+                    log.warning("%s: never connected; giving up after %g s", connect,
+                                timeout)
                 return 1
             deadlines.append(last + timeout)
         wait_ms = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
@@ -212,9 +226,27 @@ def _not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _warn_if_unresolvable(connect: str) -> bool:
-    """ZeroMQ retries a host name it cannot resolve forever, with no event to report.
-    Returns whether it warned."""
+def _connect_problem(connect: str) -> str | None:
+    """What is wrong with ``connect`` as an address to connect to, or None."""
+    scheme = connect.split("://", 1)[0] if "://" in connect else None
+    if scheme not in ("tcp", "ipc"):
+        return "expected tcp://HOST:PORT or ipc://PATH, the daemon's publish.endpoint"
+    if scheme == "ipc":
+        return None if connect[len("ipc://"):] else "ipc:// needs the socket's path"
+    problem = tcp_port_problem(connect)
+    if problem:
+        return problem
+    if connect.rsplit(":", 1)[1] in ("*", "0") or tcp_host(connect) in ("*", ""):
+        return "a wildcard is for binding; give the publisher's own host and port"
+    return None
+
+
+def _warn_if_unreachable(connect: str) -> bool:
+    """What ZeroMQ retries forever with no event to report: a host name that does not
+    resolve, an ipc:// path that is no socket or that we may not use. Returns whether it
+    warned."""
+    if connect.startswith("ipc://"):
+        return _warn_if_unusable_socket(Path(connect[len("ipc://"):]), connect)
     if not connect.startswith("tcp://"):
         return False
     host = tcp_host(connect).strip("[]")
@@ -227,6 +259,33 @@ def _warn_if_unresolvable(connect: str) -> bool:
     return False
 
 
+def _warn_if_unusable_socket(path: Path, connect: str) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False  # not yet: the daemon may still be starting (said after 5 s)
+    except OSError as exc:
+        log.warning("%s: cannot reach %s (%s); still trying", connect, path,
+                    exc.strerror or exc)
+        return True
+    if not stat.S_ISSOCK(mode):
+        log.warning("%s: %s is not a socket; still trying", connect, path)
+        return True
+    if not os.access(path, os.W_OK):
+        log.warning("%s: permission denied: %s is mode %04o, owner %s, and we may not write "
+                    "to it (see the daemon's UMask= and group in systemd/README.md); still "
+                    "trying", connect, path, stat.S_IMODE(mode), _owner(path))
+        return True
+    return False
+
+
+def _owner(path: Path) -> str:
+    try:
+        return path.owner()
+    except (KeyError, OSError):
+        return str(path.stat().st_uid)
+
+
 class _Link:
     """Whether we have reached the publisher, and whether the user has been told we have not."""
 
@@ -236,6 +295,8 @@ class _Link:
         self.warn_at: float | None = started + NOT_CONNECTED_WARN_S
         self.told = False
         self.ever = False
+        self.up = False
+        self.lost_at = started
         self.failures_told: set[int] = set()
         """Handshake failures already explained since the last success."""
 
@@ -253,13 +314,25 @@ class _Link:
 
     def connected(self, now: float) -> None:
         self.warn_at = None
-        self.ever = True
+        self.up = True
         self.failures_told.clear()
         if self.told:  # the user saw the warning: say that it no longer holds
             self.told = False
-            log.warning("%s: connected after %.0f s", self.connect, now - self.started)
+            since = self.lost_at if self.ever else self.started
+            log.warning("%s: %s after %.0f s", self.connect,
+                        "reconnected" if self.ever else "connected", now - since)
         else:
             log.debug("connected to %s", self.connect)
+        self.ever = True
+
+    def lost(self, now: float) -> None:
+        """ZeroMQ reconnects by itself, in silence: a subscriber left waiting for a
+        detection must learn that the daemon stopped or restarted."""
+        if not self.up:
+            return
+        self.up, self.lost_at, self.told = False, now, True
+        log.warning("%s: the publisher went away (stopped or restarting?); reconnecting",
+                    self.connect)
 
 
 def _handle_monitor(monitor: zmq.Socket, link: _Link) -> None:
@@ -271,6 +344,8 @@ def _handle_monitor(monitor: zmq.Socket, link: _Link) -> None:
         event = evt["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             link.connected(time.monotonic())
+        elif event == zmq.EVENT_DISCONNECTED:
+            link.lost(time.monotonic())
         elif event in _HANDSHAKE_FAILURES and event not in link.failures_told:
             # ZeroMQ retries forever and silently; say once why nothing arrives.
             link.failures_told.add(event)
@@ -314,7 +389,7 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit after N messages")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
                         help="exit after S seconds without a message (exit 1 if the "
-                             "publisher was never reached)")
+                             "publisher is not reached by then)")
 
 
 def run_listen(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -26,7 +27,13 @@ import zmq
 from streamkws.config import PublishConfig
 from streamkws.errors import StreamKWSError
 from streamkws.listen import DEFAULT_CONNECT, add_listen_arguments, listen, run_listen
-from streamkws.publish import Publisher, detection_message, generate_keys, status_message
+from streamkws.publish import (
+    Publisher,
+    _check_secret_key_mode,
+    detection_message,
+    generate_keys,
+    status_message,
+)
 
 DETECTION_KEYS = {"v", "type", "keyword", "score", "t_start", "t_end", "t_emit", "seq",
                   "source", "model", "model_sha256", "wall_time"}
@@ -417,6 +424,46 @@ def test_curve_key_errors_name_the_key_and_path(
                  curve_authorized_keys=str(tmp_path / "no-such-folder"))
 
 
+def test_a_secret_key_every_user_can_read_is_refused(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path) -> None:
+    """Whoever reads it can impersonate the publisher; ssh refuses such keys too."""
+    open_key = tmp_path / "open.key_secret"
+    shutil.copy(keys["server"][1], open_key)
+    open_key.chmod(0o644)
+    with pytest.raises(StreamKWSError, match=r"publish.curve_secret_key: .*open.key_secret "
+                       r"is open to every user \(mode 0644\)"):
+        make_pub(curve_secret_key=str(open_key))
+
+
+def test_a_secret_key_its_group_can_read_is_used_with_a_warning(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    group_key = tmp_path / "group.key_secret"
+    shutil.copy(keys["server"][1], group_key)
+    group_key.chmod(0o640)
+    make_pub(curve_secret_key=str(group_key))
+    assert "readable by its group (mode 0640)" in caplog.text
+    caplog.clear()
+    _check_secret_key_mode(keys["server"][1])  # 0600: nothing to say
+    assert "readable" not in caplog.text
+
+
+def test_key_paths_that_are_folders_or_unreadable_say_so(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(StreamKWSError, match="is a folder, not a key file"):
+        make_pub(curve_secret_key=str(tmp_path))
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    # As root (CI) every folder is readable; a folder the daemon's user may not list is
+    # what os.access would report.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != clients)
+    with pytest.raises(StreamKWSError, match=r"publish.curve_authorized_keys: cannot read "
+                       r"the folder .*clients \(permission denied\)"):
+        make_pub(curve_secret_key=str(keys["server"][1]), curve_authorized_keys=str(clients))
+
+
 # -- listen ---------------------------------------------------------------------------
 
 class Background:
@@ -603,8 +650,9 @@ def test_listen_is_silent_about_a_publisher_it_reaches_at_once(
         # Past the warning's time, so a connection that did not count would show.
         assert listen(pub.endpoint, ["nosuchtopic"], None, None, out=io.StringIO(),
                       timeout=1.0) == 0
-    assert not [r for r in caplog.records
-                if r.name == "streamkws.listen" and r.levelname == "WARNING"]
+    assert [r.getMessage()[:20] for r in caplog.records
+            if r.name == "streamkws.listen" and r.levelname == "WARNING"] == [
+        "--topic 'nosuchtopic"]  # what it is told about the topic, nothing of connecting
 
 
 def test_listen_key_errors_are_user_errors(tmp_path: Path,
@@ -619,14 +667,66 @@ def test_listen_key_errors_are_user_errors(tmp_path: Path,
                timeout=0.1)
     with pytest.raises(StreamKWSError, match="--server-key"):
         listen(DEFAULT_CONNECT, [], None, str(keys["client_a"][1]), timeout=0.1)
-    with pytest.raises(StreamKWSError, match="cannot connect"):
+    with pytest.raises(StreamKWSError, match="expected tcp://HOST:PORT or ipc://PATH"):
         listen("bogus://x", [], None, None, timeout=0.1)
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("127.0.0.1:5556", "expected tcp://HOST:PORT or ipc://PATH"),
+    ("inproc://kws", "expected tcp://HOST:PORT or ipc://PATH"),
+    ("ipc://", "ipc:// needs the socket's path"),
+    ("tcp://*:5556", "a wildcard is for binding"),
+    ("tcp://127.0.0.1:0", "a wildcard is for binding"),
+])
+def test_listen_refuses_what_it_could_never_connect_to(endpoint: str, message: str) -> None:
+    with pytest.raises(StreamKWSError, match=message):
+        listen(endpoint, [], None, None, timeout=0.1)
+
+
+def test_listen_warns_of_a_topic_the_daemon_never_publishes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    listen("tcp://127.0.0.1:1", ["detections", "stat"], None, None, out=io.StringIO(),
+           timeout=0.1)
+    warned = [r.getMessage() for r in caplog.records if r.name == "streamkws.listen"]
+    assert warned[0] == ("--topic 'detections' matches neither topic the daemon publishes "
+                         "(detection, status); nothing will arrive")
+    assert not any("'stat'" in w for w in warned)  # a prefix of status: fine
+
+
+def test_listen_says_when_the_publisher_goes_away_and_a_timeout_then_exits_1(
+        make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    """A subscriber left waiting must learn that the daemon stopped, not just hear nothing."""
+    pub = make_pub()
+    out = io.StringIO()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        listen(pub.endpoint, [], None, None, out=out, timeout=1.5)))
+    with Background(pub):
+        thread.start()
+        end = time.monotonic() + 10
+        while not out.getvalue() and time.monotonic() < end:
+            time.sleep(0.02)
+    pub.close()
+    thread.join(20)
+    assert result == [1]
+    warned = [r.getMessage() for r in caplog.records if r.name == "streamkws.listen"]
+    assert any("the publisher went away (stopped or restarting?); reconnecting" in w
+               for w in warned), warned
+    assert warned[-1].endswith("has not come back; giving up")
+
+
+def test_listen_names_an_ipc_path_that_is_not_a_socket(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plain = tmp_path / "kws.sock"
+    plain.write_text("")
+    assert listen(f"ipc://{plain}", [], None, None, out=io.StringIO(), timeout=0.2) == 1
+    assert f"{plain} is not a socket" in caplog.text
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://no-port", "tcp://127.0.0.1:99999",
                                       "tcp://127.0.0.1:-1", "tcp://127.0.0.1:"])
 def test_a_tcp_port_out_of_range_is_refused_not_wrapped_round(endpoint: str) -> None:
-    with pytest.raises(StreamKWSError, match="--connect: the port must be 0-65535"):
+    with pytest.raises(StreamKWSError, match="--connect .*: the port must be 0-65535"):
         listen(endpoint, [], None, None, timeout=0.1)
     with pytest.raises(StreamKWSError, match="publish.endpoint.*port must be 0-65535"):
         PublishConfig(endpoint=endpoint).validate()
