@@ -314,12 +314,26 @@ def find_config_file(explicit: str | Path | None = None) -> Path | None:
     env = os.environ.get("STREAMKWS_CONFIG")
     if env:
         return Path(env)
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+    # exists(), not is_file(): a folder or a file we may not read there is an error to
+    # report, not a reason to run on built-in defaults unawares.
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
 
 
 def load_default(explicit: str | Path | None = None) -> Config:
     path = find_config_file(explicit)
-    return load(path) if path else Config().validate()
+    if path is None:
+        return Config().validate()
+    try:
+        return load(path)
+    except ConfigFileError as exc:
+        # A file nobody named on this command line: say where it came from.
+        if explicit:
+            raise
+        if os.environ.get("STREAMKWS_CONFIG"):
+            raise ConfigFileError(str(path), f"{exc.message} (named by $STREAMKWS_CONFIG)"
+                                  ) from None
+        raise ConfigFileError(str(path), f"{exc.message} (the system config, which the "
+                              "search order finds; --config FILE picks another)") from None
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

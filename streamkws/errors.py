@@ -33,7 +33,7 @@ class ConfigFileError(ConfigError):
     """The config file itself cannot be read or parsed (no single key is at fault)."""
 
     def __init__(self, path: str, message: str) -> None:
-        self.key = path
+        self.key, self.message = path, message
         StreamKWSError.__init__(self, f"{path}: {message}")
 
 

@@ -97,6 +97,25 @@ def test_search_order_is_flag_then_environment_then_system(tmp_path, monkeypatch
     assert config.find_config_file(None) is None
 
 
+def test_a_config_nobody_named_says_where_it_came_from(tmp_path, monkeypatch):
+    """An unreadable /etc/streamkws/streamkws.toml stops every user's `streamkws run`: the
+    error must say that the search order found it, and how to pick another."""
+    monkeypatch.delenv("STREAMKWS_CONFIG", raising=False)
+    folder = tmp_path / "streamkws.toml"
+    folder.mkdir()  # a folder where the file belongs (root reads any file, so not 0600)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", folder)
+    with pytest.raises(ConfigError, match=r"streamkws.toml: cannot read config file \(Is a "
+                       r"directory\) \(the system config, which the search order finds; "
+                       r"--config FILE picks another\)$"):
+        config.load_default(None)
+    monkeypatch.setenv("STREAMKWS_CONFIG", str(tmp_path / "none.toml"))
+    with pytest.raises(ConfigError, match=r"none.toml: cannot read config file \(No such "
+                       r"file or directory\) \(named by \$STREAMKWS_CONFIG\)$"):
+        config.load_default(None)
+    with pytest.raises(ConfigError, match=r"\(No such file or directory\)$"):
+        config.load_default(tmp_path / "none.toml")  # named here: nothing to add
+
+
 _values = st.one_of(st.integers(-5, 10_000), st.floats(allow_nan=True), st.booleans(),
                     st.text(max_size=8), st.lists(st.integers(), max_size=2))
 
