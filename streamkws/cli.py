@@ -30,8 +30,12 @@ _EARLY_STOP = threading.Event()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from streamkws.config import load_default
-    from streamkws.daemon import Daemon, Overrides, apply_overrides
+    from streamkws.config import find_config_file, load_default
+
+    # Before importing the daemon (torch: a second or more on a small board): a service
+    # whose config is wrong fails at once, and a restart loop costs little.
+    base = load_default(args.config)
+    from streamkws.daemon import Daemon, Overrides, apply_overrides, check
 
     if args.wait_subscribers < 0:
         raise StreamKWSError(f"--wait-subscribers must be 0 or more (got {args.wait_subscribers})")
@@ -39,7 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise StreamKWSError(f"--wait-timeout must be 0-86400 seconds (got {args.wait_timeout})")
     overrides = Overrides(source=args.source, model=args.model, publish=args.publish,
                           realtime=args.realtime)
-    cfg = apply_overrides(load_default(args.config), overrides)
+    cfg = apply_overrides(base, overrides)
+    if args.check:
+        found = find_config_file(args.config)
+        print(f"{found or 'built-in defaults'}: OK: {check(cfg, overrides)}")
+        return 0
     daemon = Daemon(cfg, config_path=args.config, overrides=overrides,
                     echo=None if args.quiet else sys.stdout,
                     wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
@@ -283,6 +291,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pace.add_argument("--fast", dest="realtime", action="store_false",
                       help="replay files as fast as the CPU allows (audio-time stamps)")
     r.add_argument("--quiet", action="store_true", help="do not print detections")
+    r.add_argument("--check", action="store_true",
+                   help="check the config, model, source and keys, say what would run, and "
+                        "exit (0 if all is well) without listening: before a reload")
     r.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
                    help="start the audio only once N subscribers are connected (replays)")
     r.add_argument("--wait-timeout", type=float, default=30.0, metavar="S",

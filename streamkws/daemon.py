@@ -219,6 +219,44 @@ def _naming(key: str, from_file: bool) -> Iterator[None]:
         raise ConfigError(key, str(exc)) from None
 
 
+def check(cfg: Config, overrides: Overrides) -> str:
+    """Read and check all that ``run`` reads at start-up, without opening the device or
+    binding the socket (``run --check``): what an admin runs before ``systemctl reload``,
+    which cannot report a rejected config, or before a restart, which would go down on it.
+    Returns one line saying what ``run`` would use."""
+    import zmq
+
+    from streamkws.publish import load_curve_keys
+
+    with _naming("model.name", overrides.model is None and cfg.model.name != ModelConfig.name):
+        bundle = load_bundle(cfg.model.name)
+    Pipeline(cfg, bundle)  # a front end the model cannot be fed with is refused here
+    with _naming("audio.source",
+                 overrides.source is None and cfg.audio.source != AudioConfig.source):
+        source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+    if isinstance(source, MicSource):
+        load_portaudio()
+    curve = ""
+    if cfg.publish.curve_secret_key:
+        public, secret, _ = load_curve_keys(cfg.publish)
+        # Only a socket can tell a malformed key; this one never binds.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUB)
+        try:
+            sock.curve_secretkey, sock.curve_publickey = secret, public
+        except zmq.ZMQError as exc:
+            raise ConfigError("publish.curve_secret_key",
+                              f"{cfg.publish.curve_secret_key} does not hold a valid CURVE "
+                              f"key ({exc})") from None
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        curve = " with CURVE"
+    return (f"model {bundle.name} ({bundle.sha256[:12]}), "
+            f"{cfg.detect.describe(bundle.threshold)}; source {source.name}; publishing on "
+            f"{cfg.publish.endpoint}{curve}")
+
+
 class Daemon:
     def __init__(
         self,

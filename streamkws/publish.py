@@ -176,7 +176,8 @@ class Publisher:
             self.close()
             raise
         self.endpoint: str = self._bound_endpoint()
-        chosen = self.endpoint != cfg.endpoint and cfg.endpoint.startswith("tcp://")
+        chosen = cfg.endpoint.startswith("tcp://") and cfg.endpoint.rsplit(":", 1)[1] in (
+            "0", "*")
         # A port the system chose is something the user cannot otherwise learn; the
         # daemon's start-up line names the endpoint in every other case.
         log.log(logging.WARNING if chosen else logging.DEBUG, "publishing on %s%s",
@@ -213,57 +214,7 @@ class Publisher:
 
     def _setup_curve(self, cfg: PublishConfig) -> None:
         path = Path(cfg.curve_secret_key).expanduser()
-        if path.is_dir():
-            raise StreamKWSError(f"publish.curve_secret_key: {path} is a folder, not a key file")
-        if not path.is_file():
-            raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
-        try:
-            public, secret = zmq.auth.load_certificate(path)
-        except PermissionError:
-            raise StreamKWSError(
-                f"publish.curve_secret_key: cannot read {path} (permission denied) as user "
-                f"{_user()}: make that user its owner (chown) and chmod 600 it"
-            ) from None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise StreamKWSError(
-                f"publish.curve_secret_key: cannot load key pair from {path}: {exc}"
-            ) from None
-        if secret is None:
-            raise StreamKWSError(
-                f"publish.curve_secret_key: {path} holds only a public key; give the secret "
-                "key file (the '.key_secret' one that generate_keys writes)"
-            )
-        try:
-            matches = zmq.curve_public(secret) == public
-        except (zmq.ZMQError, ValueError):
-            matches = True  # a malformed key: reported below, when the socket takes it
-        if not matches:
-            # Clients given the public half would all fail their handshakes, silently.
-            raise StreamKWSError(
-                f"publish.curve_secret_key: in {path} the public key is not the secret "
-                "key's own; make a new pair with generate_keys"
-            )
-        _check_secret_key_mode(path)
-        location: str | os.PathLike[str] = zmq.auth.CURVE_ALLOW_ANY
-        if cfg.curve_authorized_keys:
-            location = Path(cfg.curve_authorized_keys).expanduser()
-            # Unreadable, it would look empty: "no keys" would hide "permission denied".
-            if location.is_dir() and not os.access(location, os.R_OK | os.X_OK):
-                raise StreamKWSError(
-                    f"publish.curve_authorized_keys: cannot read the folder {location} "
-                    f"(permission denied) as user {_user()}")
-            # The authenticator only logs a bad folder and then lets nobody in; check it
-            # here so a typo is an error at start-up instead of a silent lock-out.
-            try:
-                allowed = zmq.auth.load_certificates(location)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                raise StreamKWSError(
-                    f"publish.curve_authorized_keys: cannot load client keys from "
-                    f"{location}: {exc}"
-                ) from None
-            if not allowed:
-                log.warning("publish.curve_authorized_keys: no '*.key' files in %s; no "
-                            "subscriber will be let in", location)
+        public, secret, location = load_curve_keys(cfg)
         try:
             s = self.socket
             s.curve_secretkey = secret
@@ -401,6 +352,64 @@ class Publisher:
         self.close()
 
 
+def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike[str]]:
+    """The server's key pair and where its allowed clients' keys are (or ZeroMQ's
+    allow-any), each checked as start-up would: ``run --check`` calls this too."""
+    path = Path(cfg.curve_secret_key).expanduser()
+    if path.is_dir():
+        raise StreamKWSError(f"publish.curve_secret_key: {path} is a folder, not a key file")
+    if not path.is_file():
+        raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except PermissionError:
+        raise StreamKWSError(
+            f"publish.curve_secret_key: cannot read {path} (permission denied) as user "
+            f"{_user()}: make that user its owner (chown) and chmod 600 it"
+        ) from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StreamKWSError(
+            f"publish.curve_secret_key: cannot load key pair from {path}: {exc}"
+        ) from None
+    if secret is None:
+        raise StreamKWSError(
+            f"publish.curve_secret_key: {path} holds only a public key; give the secret "
+            "key file (the '.key_secret' one that generate_keys writes)"
+        )
+    try:
+        matches = zmq.curve_public(secret) == public
+    except (zmq.ZMQError, ValueError):
+        matches = True  # a malformed key: reported below, when the socket takes it
+    if not matches:
+        # Clients given the public half would all fail their handshakes, silently.
+        raise StreamKWSError(
+            f"publish.curve_secret_key: in {path} the public key is not the secret "
+            "key's own; make a new pair with generate_keys"
+        )
+    _check_secret_key_mode(path)
+    location: str | os.PathLike[str] = zmq.auth.CURVE_ALLOW_ANY
+    if cfg.curve_authorized_keys:
+        location = Path(cfg.curve_authorized_keys).expanduser()
+        # Unreadable, it would look empty: "no keys" would hide "permission denied".
+        if location.is_dir() and not os.access(location, os.R_OK | os.X_OK):
+            raise StreamKWSError(
+                f"publish.curve_authorized_keys: cannot read the folder {location} "
+                f"(permission denied) as user {_user()}")
+        # The authenticator only logs a bad folder and then lets nobody in; check it
+        # here so a typo is an error at start-up instead of a silent lock-out.
+        try:
+            allowed = zmq.auth.load_certificates(location)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise StreamKWSError(
+                f"publish.curve_authorized_keys: cannot load client keys from "
+                f"{location}: {exc}"
+            ) from None
+        if not allowed:
+            log.warning("publish.curve_authorized_keys: no '*.key' files in %s; no "
+                        "subscriber will be let in", location)
+    return public, secret, location
+
+
 def _check_secret_key_mode(path: Path) -> None:
     """Whoever can read the server's secret key can impersonate it to every subscriber.
 
@@ -522,4 +531,8 @@ def _bind_reason(exc: zmq.ZMQError, endpoint: str) -> str:
         return f"permission denied{hint}"
     if exc.errno == errno.EADDRNOTAVAIL:
         return "no such local address"
+    if exc.errno == errno.ENODEV and endpoint.startswith("tcp://"):
+        # ZeroMQ takes a bind host it cannot parse as an address for an interface name.
+        return (f"no local address or network interface named {tcp_host(endpoint)!r} "
+                "(bind to one of this machine's own addresses, e.g. 127.0.0.1, or *)")
     return str(exc)

@@ -262,3 +262,47 @@ def _refused(tmp_path, capsys, argv: list[str], message: str) -> tuple[str, str]
     fill = {"file": str(tmp_path / "a.txt"), "tmp": str(tmp_path)}
     assert main([a.format(**fill) for a in argv]) == 2
     return capsys.readouterr().err.strip(), message.format(**fill)
+
+
+def test_run_check_says_what_would_run_without_listening(tmp_path, capsys):
+    """An admin checks a config before `systemctl reload`, which cannot report a rejection."""
+    from streamkws.publish import generate_keys
+
+    _, secret = generate_keys(tmp_path / "keys", "server")
+    cfg = tmp_path / "streamkws.toml"
+    cfg.write_text('[audio]\nsource = "demo"\n[publish]\nendpoint = "tcp://127.0.0.1:5599"\n'
+                   'curve_secret_key = "keys/server.key_secret"\n')
+    assert main(["run", "--config", str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{cfg}: OK: model default (")
+    assert out.rstrip().endswith("; source demo; publishing on tcp://127.0.0.1:5599 with CURVE")
+
+    secret.write_text(secret.read_text().replace('secret-key = "', 'secret-key = "0'))
+    assert main(["run", "--config", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("streamkws run: error: config key 'publish.curve_secret_key': ")
+
+
+def test_run_check_refuses_what_start_up_would(tmp_path, capsys):
+    cfg = tmp_path / "streamkws.toml"
+    cfg.write_text('[model]\nname = "missing.skw"\n')
+    assert main(["run", "--config", str(cfg), "--check"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "streamkws run: error: config key 'model.name': ")
+    cfg.write_text('[audio]\nsource = "wav:none.wav"\n')
+    assert main(["run", "--config", str(cfg), "--check"]) == 2
+    assert "config key 'audio.source'" in capsys.readouterr().err
+
+
+def test_a_bad_config_fails_before_torch_is_imported(tmp_path):
+    """A service with a config error fails at once, not after a second of importing torch
+    on every try (and the unit then leaves it failed: RestartPreventExitStatus=2)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[bogus]\nx = 1\n")
+    code = ("import sys; from streamkws.cli import main; "
+            f"rc = main(['run', '--config', {str(bad)!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert proc.stderr.strip() == "streamkws run: error: config key 'bogus': unknown key"

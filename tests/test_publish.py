@@ -349,6 +349,23 @@ def test_binding_a_busy_tcp_port_names_the_endpoint(make_pub: Callable[..., Publ
     assert pub.endpoint in str(err.value)
 
 
+def test_binding_a_host_that_is_not_ours_names_it(make_pub: Callable[..., Publisher]) -> None:
+    with pytest.raises(StreamKWSError, match="no local address or network interface named "
+                       "'nosuchhost.invalid'"):
+        make_pub("tcp://nosuchhost.invalid:5556")
+
+
+def test_only_a_port_the_system_chose_is_worth_a_warning(
+        make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    """localhost comes back as 127.0.0.1: a different string, but the port the user gave."""
+    port = _free_port()
+    make_pub(f"tcp://localhost:{port}")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    pub = make_pub("tcp://127.0.0.1:*")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"publishing on {pub.endpoint}"]
+
+
 # -- CURVE --------------------------------------------------------------------------------
 
 @pytest.fixture

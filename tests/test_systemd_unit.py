@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from streamkws.cli import build_parser
+from streamkws.errors import EXIT_USER_ERROR
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "streamkws.service"
@@ -107,6 +108,7 @@ REQUIRED_SERVICE = {
     "WatchdogSec": "10",
     "Restart": "on-failure",
     "RestartSec": "2",
+    "RestartPreventExitStatus": str(EXIT_USER_ERROR),  # a start-up error is not retried
     "TimeoutStopSec": "5",
     "User": "streamkws",
     "Group": "streamkws",
