@@ -330,9 +330,9 @@ def load_default(explicit: str | Path | None = None) -> Config:
         if explicit:
             raise
         if os.environ.get("STREAMKWS_CONFIG"):
-            raise ConfigFileError(str(path), f"{exc.message} (named by $STREAMKWS_CONFIG)"
+            raise ConfigFileError(str(path), f"{exc.reason} (named by $STREAMKWS_CONFIG)"
                                   ) from None
-        raise ConfigFileError(str(path), f"{exc.message} (the system config, which the "
+        raise ConfigFileError(str(path), f"{exc.reason} (the system config, which the "
                               "search order finds; --config FILE picks another)") from None
 
 

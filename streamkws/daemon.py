@@ -204,7 +204,16 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
         model = dataclasses.replace(model, name=o.model)
     if o.publish is not None:
         publish = dataclasses.replace(publish, endpoint=o.publish)
-    return cfg.replace(audio=audio, model=model, publish=publish)
+    try:
+        return cfg.replace(audio=audio, model=model, publish=publish)
+    except ConfigError as exc:
+        # A value typed on the command line is that option's, not a config key's.
+        given = {"audio.source": ("--source", o.source), "model.name": ("--model", o.model),
+                 "publish.endpoint": ("--publish", o.publish)}
+        flag, value = given.get(exc.key, ("", None))
+        if value is None:
+            raise
+        raise StreamKWSError(f"{flag}: {exc.reason}") from None
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ class ConfigError(StreamKWSError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.key = key
+        self.key, self.reason = key, message
         super().__init__(f"config key '{key}': {message}")
 
 
@@ -33,7 +33,7 @@ class ConfigFileError(ConfigError):
     """The config file itself cannot be read or parsed (no single key is at fault)."""
 
     def __init__(self, path: str, message: str) -> None:
-        self.key, self.message = path, message
+        self.key, self.reason = path, message
         StreamKWSError.__init__(self, f"{path}: {message}")
 
 

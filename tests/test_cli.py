@@ -306,3 +306,12 @@ def test_a_bad_config_fails_before_torch_is_imported(tmp_path):
                           timeout=60)
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     assert proc.stderr.strip() == "streamkws run: error: config key 'bogus': unknown key"
+
+
+def test_a_bad_value_typed_on_the_command_line_is_named_by_its_option(capsys):
+    """The user just typed --publish; "config key 'publish.endpoint'" would send them
+    looking through config files."""
+    assert main(["run", "--publish", "tcp://127.0.0.1:99999", "--check"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "streamkws run: error: --publish: the port must be 0-65535 or * "
+        "(got 'tcp://127.0.0.1:99999')")
