@@ -148,7 +148,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one_running(tmp_path):
         (["--source", "wav:/nonexistent.wav"], "error: /nonexistent.wav: cannot open"),
         (["--source", "bogus"], "error: unknown audio source 'bogus'"),
         (["--model", "/nonexistent.skw"], "error: /nonexistent.skw: no such model bundle"),
-        (["--publish", "udp://x"], "publish.endpoint"),
+        (["--publish", "udp://x"], "error: --publish: must start with tcp:// or ipc://"),
     ],
 )
 def test_start_up_errors_are_one_line_without_traceback(args, message):
