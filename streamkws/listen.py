@@ -64,7 +64,7 @@ def listen(
 
     Stops on Ctrl-C, after ``count`` messages, or after ``timeout`` seconds without one.
     Returns 0, or 1 when ``timeout`` ran out while not connected to the publisher (never
-    reached, or gone and not back).
+    reached, or gone without its final status and not back).
     ``server_key``: the publisher's public key file (its ``.key`` or ``.key_secret``);
     ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
     """
@@ -158,7 +158,7 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
         deadlines = [link.warn_at] if link.warn_at is not None else []
         if timeout is not None:
             if last + timeout <= now:
-                if link.up:
+                if link.up or link.ended:  # connected, or told the run ended cleanly
                     return 0
                 # A script waiting for a detection must tell "none came" from "no daemon".
                 if link.ever:
@@ -182,9 +182,12 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
             except zmq.Again:
                 break
             last = time.monotonic()
-            line = _format(frames)
-            if line is None:
+            formatted = _format(frames)
+            if formatted is None:
                 continue
+            line, payload = formatted
+            if frames[0] == b"status" and payload.get("final") is True:
+                link.ended = True
             try:
                 out.write(line + "\n")
                 out.flush()
@@ -196,7 +199,9 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
                 return 0
 
 
-def _format(frames: list[bytes]) -> str | None:
+def _format(frames: list[bytes]) -> tuple[str, dict] | None:
+    """The message as one JSON line, and as parsed; None (after a warning) if it is not
+    one of ours."""
     if len(frames) != 2:
         log.warning("ignoring a message of %d frames (expected topic and JSON)", len(frames))
         return None
@@ -215,11 +220,11 @@ def _format(frames: list[bytes]) -> str | None:
         line.encode("utf-8")
     except ValueError:  # a lone surrogate ("\ud800") or an infinity
         try:
-            return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+            return json.dumps(payload, allow_nan=False, separators=(",", ":")), payload
         except ValueError:
             log.warning("ignoring a %r message with a number JSON cannot hold", frames[0])
             return None
-    return line
+    return line, payload
 
 
 def _not_json(name: str) -> None:
@@ -231,13 +236,14 @@ def _connect_problem(connect: str) -> str | None:
     scheme = connect.split("://", 1)[0] if "://" in connect else None
     if scheme not in ("tcp", "ipc"):
         return "expected tcp://HOST:PORT or ipc://PATH, the daemon's publish.endpoint"
+    wildcard = "a wildcard is for binding; give the publisher's own host and port"
     if scheme == "ipc":
-        return None if connect[len("ipc://"):] else "ipc:// needs the socket's path"
-    problem = tcp_port_problem(connect)
-    if problem:
-        return problem
+        path = connect[len("ipc://"):]
+        return "ipc:// needs the socket's path" if not path else wildcard if path == "*" else None
+    if tcp_port_problem(connect):  # its wording offers bind's 0 and *
+        return "the port must be 1-65535, the publisher's"
     if connect.rsplit(":", 1)[1] in ("*", "0") or tcp_host(connect) in ("*", ""):
-        return "a wildcard is for binding; give the publisher's own host and port"
+        return wildcard
     return None
 
 
@@ -297,6 +303,8 @@ class _Link:
         self.ever = False
         self.up = False
         self.lost_at = started
+        self.ended = False
+        """The publisher's final status arrived: its going away is no news."""
         self.failures_told: set[int] = set()
         """Handshake failures already explained since the last success."""
 
@@ -314,7 +322,7 @@ class _Link:
 
     def connected(self, now: float) -> None:
         self.warn_at = None
-        self.up = True
+        self.up, self.ended = True, False  # a new run
         self.failures_told.clear()
         if self.told:  # the user saw the warning: say that it no longer holds
             self.told = False
@@ -330,7 +338,11 @@ class _Link:
         detection must learn that the daemon stopped or restarted."""
         if not self.up:
             return
-        self.up, self.lost_at, self.told = False, now, True
+        self.up, self.lost_at = False, now
+        if self.ended:
+            log.info("%s: the publisher stopped (its final status came)", self.connect)
+            return
+        self.told = True
         log.warning("%s: the publisher went away (stopped or restarting?); reconnecting",
                     self.connect)
 
@@ -388,8 +400,9 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", metavar="N", type=_positive_int, default=None,
                         help="exit after N messages")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
-                        help="exit after S seconds without a message (exit 1 if the "
-                             "publisher is not reached by then)")
+                        help="exit after S seconds without a message: 0 if connected or "
+                             "the publisher ended with its final status, 1 if not reached "
+                             "(never, or gone and not back)")
 
 
 def run_listen(args: argparse.Namespace) -> int:

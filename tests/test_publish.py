@@ -449,8 +449,13 @@ def test_a_secret_key_every_user_can_read_is_refused(
     shutil.copy(keys["server"][1], open_key)
     open_key.chmod(0o644)
     with pytest.raises(StreamKWSError, match=r"publish.curve_secret_key: .*open.key_secret "
-                       r"is open to every user \(mode 0644\)"):
+                       r"is readable by every user \(mode 0644\)"):
         make_pub(curve_secret_key=str(open_key))
+    open_key.chmod(0o602)
+    with pytest.raises(StreamKWSError, match=r"is writable by every user \(mode 0602\)"):
+        _check_secret_key_mode(open_key)
+    open_key.chmod(0o601)  # an execute bit opens nothing
+    _check_secret_key_mode(open_key)
 
 
 def test_a_secret_key_its_group_can_read_is_used_with_a_warning(
@@ -694,6 +699,7 @@ def test_listen_key_errors_are_user_errors(tmp_path: Path,
     ("ipc://", "ipc:// needs the socket's path"),
     ("tcp://*:5556", "a wildcard is for binding"),
     ("tcp://127.0.0.1:0", "a wildcard is for binding"),
+    ("ipc://*", "a wildcard is for binding"),
 ])
 def test_listen_refuses_what_it_could_never_connect_to(endpoint: str, message: str) -> None:
     with pytest.raises(StreamKWSError, match=message):
@@ -717,19 +723,44 @@ def test_listen_says_when_the_publisher_goes_away_and_a_timeout_then_exits_1(
     out = io.StringIO()
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(
-        listen(pub.endpoint, [], None, None, out=out, timeout=1.5)))
+        listen(pub.endpoint, [], None, None, out=out, timeout=5)))
     with Background(pub):
         thread.start()
         end = time.monotonic() + 10
         while not out.getvalue() and time.monotonic() < end:
             time.sleep(0.02)
-    pub.close()
-    thread.join(20)
+    pub.close()  # gone without a final status: a crash, a kill
+    thread.join(30)
     assert result == [1]
     warned = [r.getMessage() for r in caplog.records if r.name == "streamkws.listen"]
     assert any("the publisher went away (stopped or restarting?); reconnecting" in w
                for w in warned), warned
     assert warned[-1].endswith("has not come back; giving up")
+
+
+def test_listen_takes_a_publisher_that_ended_with_its_final_status_as_a_clean_end(
+        make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    """`run --fast --wait-subscribers 1` with `listen --timeout 3` capturing it: the replay's
+    end is no daemon lost, and the script must see exit 0."""
+    pub = make_pub()
+    out = io.StringIO()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        listen(pub.endpoint, [], None, None, out=out, timeout=3)))
+    with Background(pub):
+        thread.start()
+        end = time.monotonic() + 10
+        while not out.getvalue() and time.monotonic() < end:
+            time.sleep(0.02)
+    pub.publish("status", {**a_status(), "final": True})
+    end = time.monotonic() + 10
+    while '"final":true' not in out.getvalue() and time.monotonic() < end:
+        time.sleep(0.02)
+    pub.close()
+    thread.join(30)
+    assert result == [0]
+    assert not [r for r in caplog.records
+                if r.name == "streamkws.listen" and r.levelname == "WARNING"]
 
 
 def test_listen_names_an_ipc_path_that_is_not_a_socket(
@@ -743,7 +774,8 @@ def test_listen_names_an_ipc_path_that_is_not_a_socket(
 @pytest.mark.parametrize("endpoint", ["tcp://no-port", "tcp://127.0.0.1:99999",
                                       "tcp://127.0.0.1:-1", "tcp://127.0.0.1:"])
 def test_a_tcp_port_out_of_range_is_refused_not_wrapped_round(endpoint: str) -> None:
-    with pytest.raises(StreamKWSError, match="--connect .*: the port must be 0-65535"):
+    with pytest.raises(StreamKWSError, match="--connect .*: the port must be 1-65535, the "
+                       "publisher's$"):
         listen(endpoint, [], None, None, timeout=0.1)
     with pytest.raises(StreamKWSError, match="publish.endpoint.*port must be 0-65535"):
         PublishConfig(endpoint=endpoint).validate()
@@ -858,7 +890,8 @@ def test_a_key_file_whose_halves_do_not_match_is_refused(
 def test_listen_prints_only_valid_json_objects(body: bytes, printed: str | None) -> None:
     from streamkws.listen import _format
 
-    line = _format([b"detection", body])
+    formatted = _format([b"detection", body])
+    line = None if formatted is None else formatted[0]
     assert line == printed
     if line is not None:
         line.encode("utf-8")  # writable to any UTF-8 terminal or pipe
