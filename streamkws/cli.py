@@ -269,8 +269,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(prog="streamkws", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"streamkws {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging: -v info, -vv debug (run logs at info already; "
-                        "-v: debug)")
+                   help="more logging (-v, -vv); run already logs its lifecycle (info)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", help="the daemon: listen, detect, publish")
@@ -452,7 +451,7 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
         rc = func(args)
     except StreamKWSError as exc:
         print(logs.error_line(f"streamkws {args.command}: error: {exc}"), file=sys.stderr)
-        rc = EXIT_USER_ERROR
+        rc = getattr(exc, "exit_status", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         rc = 130
     except BrokenPipeError:  # e.g. `streamkws listen | head`

@@ -325,15 +325,16 @@ def load_default(explicit: str | Path | None = None) -> Config:
         return Config().validate()
     try:
         return load(path)
-    except ConfigFileError as exc:
-        # A file nobody named on this command line: say where it came from.
+    except ConfigError as exc:
+        # A file nobody named on this command line: say which, and where it came from.
         if explicit:
             raise
-        if os.environ.get("STREAMKWS_CONFIG"):
-            raise ConfigFileError(str(path), f"{exc.reason} (named by $STREAMKWS_CONFIG)"
-                                  ) from None
-        raise ConfigFileError(str(path), f"{exc.reason} (the system config, which the "
-                              "search order finds; --config FILE picks another)") from None
+        origin = ("named by $STREAMKWS_CONFIG" if os.environ.get("STREAMKWS_CONFIG") else
+                  "the system config, which the search order finds; --config FILE picks "
+                  "another")
+        if isinstance(exc, ConfigFileError):
+            raise ConfigFileError(str(path), f"{exc.reason} ({origin})") from None
+        raise ConfigError(exc.key, f"{exc.reason} (in {path}, {origin})") from None
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

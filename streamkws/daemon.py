@@ -266,6 +266,33 @@ def check(cfg: Config, overrides: Overrides) -> str:
             f"{cfg.publish.endpoint}{curve}")
 
 
+class StatusSchedule:
+    """When the next status message is due: every ``interval`` seconds on a fixed grid, so
+    that one published a little late does not push all later ones back (the contract says
+    "at least every 5 s"), and after a stall longer than the interval one status follows,
+    not a burst of them."""
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.next = now + interval
+
+    def wait(self, now: float) -> float:
+        """How long the loop may sleep before a status is due."""
+        return max(0.0, self.next - now)
+
+    def at_once(self, now: float) -> None:
+        self.next = now
+
+    def due(self, now: float) -> bool:
+        """Whether a status is due at ``now``; if so, the next one is scheduled."""
+        if now < self.next:
+            return False
+        self.next += self.interval
+        if self.next <= now:  # a stall: start the grid again from now
+            self.next = now + self.interval
+        return True
+
+
 class Daemon:
     def __init__(
         self,
@@ -445,7 +472,7 @@ class Daemon:
                  self.publisher.endpoint)
         self.notifier.ready(self._status_line())
         self._publish_status()
-        next_status = time.monotonic() + self.cfg.publish.status_interval_s
+        statuses = StatusSchedule(self.cfg.publish.status_interval_s, time.monotonic())
         watchdog = self._watchdog_pacer()
         # Audio (a window hop's worth), stop and reload requests and the end of a file
         # all wake the read below; its timeout only paces status messages, the watchdog
@@ -464,7 +491,7 @@ class Daemon:
             whole_hops = self.live and not self.source.finished.is_set()
             retrying = self.supervisor is not None and self.supervisor.state == RETRYING
             wait = min(idle_wait, 0.25) if retrying else idle_wait
-            wait = min(wait, max(0.0, next_status - time.monotonic()))  # a status is due
+            wait = min(wait, statuses.wait(time.monotonic()))  # a status may be due first
             chunk = self.ring.read(max_samples=hop, min_samples=hop if whole_hops else 1,
                                    timeout=wait)
             if chunk is not None:
@@ -482,12 +509,9 @@ class Daemon:
                 break
             now = time.monotonic()
             if self.supervisor is not None and self.supervisor.poll(now):
-                next_status = now  # subscribers hear of an outage (or its end) at once
-            if now >= next_status:
+                statuses.at_once(now)  # subscribers hear of an outage (or its end) at once
+            if statuses.due(now):
                 self._publish_status()
-                # From the schedule, not from now: a status published a little late must
-                # not push every later one back ("at least every 5 s" is the contract).
-                next_status = max(next_status + self.cfg.publish.status_interval_s, now)
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
         return rc

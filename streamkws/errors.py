@@ -14,6 +14,11 @@ from typing import NoReturn, TypeVar
 EXIT_USER_ERROR = 2
 """Exit status for an error the user can fix (argparse uses the same for bad arguments)."""
 
+EXIT_TEMPORARY = 75
+"""Exit status for a start-up error that may pass by itself (``EX_TEMPFAIL``): an address
+not yet configured, a port still held. systemd retries it, and not an
+:data:`EXIT_USER_ERROR` (``RestartPreventExitStatus=2``)."""
+
 _A = TypeVar("_A")
 
 
@@ -42,8 +47,10 @@ class ArgumentParser(argparse.ArgumentParser):
     before them is a second and third line); ``--help`` still shows the usage."""
 
     def error(self, message: str) -> NoReturn:
+        from streamkws.logs import error_line
+
         self.exit(EXIT_USER_ERROR,
-                  f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+                  error_line(f"{self.prog}: error: {message} (see '{self.prog} --help')") + "\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -67,6 +74,13 @@ def no_folder(path: object, what: str = "data folder") -> StreamKWSError:
     if p.exists():
         return StreamKWSError(f"{p}: is a file, not a {what}")
     return StreamKWSError(f"{p}: {what} not found")
+
+
+class TemporaryError(StreamKWSError):
+    """A start-up error that may pass by itself, so worth retrying: at boot, the network
+    address to publish on may not be there yet (DHCP), or a port still held."""
+
+    exit_status = EXIT_TEMPORARY
 
 
 class AudioError(StreamKWSError):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+import threading
+from typing import Any, TextIO
 
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
             logging.CRITICAL: 2}
@@ -53,15 +54,36 @@ class JournalFormatter(logging.Formatter):
         super().__init__(JOURNAL_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        return journal_line(super().format(record), record.levelno)
+        # A warning's text ends in a newline, which would be an empty entry of its own.
+        return journal_line(super().format(record).rstrip("\n"), record.levelno)
 
 
 def configure(level: int) -> None:
     """Log to standard error at ``level``, formatted for where standard error goes."""
+    journal = to_journal()
     handler = logging.StreamHandler()
-    handler.setFormatter(JournalFormatter() if to_journal() else
-                         logging.Formatter(TERMINAL_FORMAT))
+    handler.setFormatter(JournalFormatter() if journal else logging.Formatter(TERMINAL_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    if journal:
+        # Python's own last words (a crash's traceback, a thread's, a library's warning)
+        # go to stderr untagged, stored as "info": through logging they are found by
+        # `journalctl -p err` like every other error.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    logging.getLogger("streamkws").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:  # as the default hook: a thread's quiet way out
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("streamkws").critical(
+        "uncaught exception in thread %s", name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def error_line(text: str) -> str:

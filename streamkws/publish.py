@@ -35,7 +35,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from streamkws.config import PublishConfig, tcp_host
-from streamkws.errors import StreamKWSError
+from streamkws.errors import StreamKWSError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,10 @@ class Publisher:
         try:
             s.bind(cfg.endpoint)
         except zmq.ZMQError as exc:
-            raise StreamKWSError(
+            # An address DHCP has not given yet, an interface not yet up, a port a
+            # previous process still holds: at boot these heal, so systemd retries them.
+            transient = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.ENODEV)
+            raise (TemporaryError if transient else StreamKWSError)(
                 f"cannot publish on {cfg.endpoint}: {_bind_reason(exc, cfg.endpoint)}"
             ) from None
         self._bound = True
@@ -411,21 +414,25 @@ def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike
 
 
 def _check_secret_key_mode(path: Path) -> None:
-    """Whoever can read the server's secret key can impersonate it to every subscriber.
+    """Whoever can read the server's secret key can impersonate it to every subscriber;
+    whoever can write it can swap in their own.
 
-    Readable by every user: refused, as ssh refuses such a private key. Readable by a
-    group (which may hold subscribers given access to an ipc:// socket): a warning.
+    Open to every user: refused, as ssh refuses such a private key. Open to a group
+    (which may hold subscribers given access to an ipc:// socket): a warning.
     """
-    mode = path.stat().st_mode
-    if mode & 0o007:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    fix = "make the daemon's user its owner (chown) and chmod 600 it"
+    if mode & 0o006:
+        what = "readable" if mode & 0o004 else "writable"
         raise StreamKWSError(
-            f"publish.curve_secret_key: {path} is open to every user (mode "
-            f"{stat.S_IMODE(mode):04o}); a secret key must be readable by the daemon's "
-            "user only: make that user its owner (chown) and chmod 600 it")
-    if mode & 0o070:
-        log.warning("publish.curve_secret_key: %s is readable by its group (mode %04o), "
-                    "whose members could impersonate this publisher; make the daemon's user "
-                    "its owner (chown) and chmod 600 it", path, stat.S_IMODE(mode))
+            f"publish.curve_secret_key: {path} is {what} by every user (mode {mode:04o}); "
+            f"a secret key must be the daemon's user's alone: {fix}")
+    if mode & 0o060:
+        risk = ("could impersonate this publisher" if mode & 0o040 else
+                "could replace the key")
+        log.warning("publish.curve_secret_key: %s is %s by its group (mode %04o), whose "
+                    "members %s; %s", path, "readable" if mode & 0o040 else "writable",
+                    mode, risk, fix)
 
 
 def _user() -> str:

@@ -264,9 +264,19 @@ def _refused(tmp_path, capsys, argv: list[str], message: str) -> tuple[str, str]
     return capsys.readouterr().err.strip(), message.format(**fill)
 
 
-def test_run_check_says_what_would_run_without_listening(tmp_path, capsys):
-    """An admin checks a config before `systemctl reload`, which cannot report a rejection."""
-    from streamkws.publish import generate_keys
+def test_run_check_says_what_would_run_without_listening(tmp_path, capsys, monkeypatch):
+    """An admin checks a config before `systemctl reload`, which cannot report a rejection;
+    the running daemon holds the endpoint and the device, so neither is touched."""
+    from streamkws.audio.base import ThreadedSource
+    from streamkws.audio.mic import MicSource
+    from streamkws.publish import Publisher, generate_keys
+
+    def untouchable(*_a, **_k):
+        raise AssertionError("--check must not bind a socket or start a source")
+
+    monkeypatch.setattr(Publisher, "__init__", untouchable)
+    monkeypatch.setattr(ThreadedSource, "start", untouchable)  # files, stdin
+    monkeypatch.setattr(MicSource, "start", untouchable)
 
     _, secret = generate_keys(tmp_path / "keys", "server")
     cfg = tmp_path / "streamkws.toml"

@@ -114,6 +114,13 @@ def test_a_config_nobody_named_says_where_it_came_from(tmp_path, monkeypatch):
         config.load_default(None)
     with pytest.raises(ConfigError, match=r"\(No such file or directory\)$"):
         config.load_default(tmp_path / "none.toml")  # named here: nothing to add
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[detect]\nthreshold = 7\n")
+    monkeypatch.setenv("STREAMKWS_CONFIG", str(bad))
+    with pytest.raises(ConfigError) as err:
+        config.load_default(None)
+    assert err.value.key == "detect.threshold"
+    assert str(err.value).endswith(f"(in {bad}, named by $STREAMKWS_CONFIG)")
 
 
 _values = st.one_of(st.integers(-5, 10_000), st.floats(allow_nan=True), st.booleans(),

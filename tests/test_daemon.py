@@ -160,6 +160,26 @@ def test_start_up_errors_are_one_line_without_traceback(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_an_endpoint_that_may_be_bound_later_exits_75_for_systemd_to_retry():
+    """At boot the address to publish on may not exist yet (DHCP) or a port still be held;
+    exit 2 is left failed by the unit (RestartPreventExitStatus=2), 75 is retried."""
+    import socket as sockets
+
+    with sockets.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for endpoint, reason in ((f"tcp://127.0.0.1:{port}", "address in use"),
+                                 ("tcp://192.0.2.1:5556", "no such local address")):
+            r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--quiet", "--fast",
+                                "--source", "demo", "--publish", endpoint],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 75, r.stderr
+            assert r.stderr.strip().splitlines() == [
+                f"streamkws run: error: cannot publish on {endpoint}: {reason}"
+                + (" (is another streamkws running?)" if reason == "address in use" else "")]
+
+
 @pytest.mark.parametrize(("toml", "message"), [
     ('[audio]\nsource = "bogus"\n', "config key 'audio.source': unknown audio source 'bogus'"),
     ('[audio]\nsource = "wav:/nonexistent.wav"\n',
@@ -460,3 +480,17 @@ def test_giving_up_on_subscribers_counts_connections_not_their_subscriptions(tmp
         sub.close(linger=0)
         ctx.term()
     assert "only 1 of 2 subscribers connected after 1 s; starting anyway" in caplog.text
+
+
+def test_statuses_keep_to_their_grid_and_a_stall_brings_one_not_a_burst():
+    from streamkws.daemon import StatusSchedule
+
+    sched = StatusSchedule(5.0, now=100.0)
+    assert sched.wait(100.0) == 5.0 and not sched.due(104.99)
+    assert sched.due(105.3)  # published 0.3 s late...
+    assert sched.wait(105.3) == pytest.approx(4.7)  # ...the next is not pushed back
+    assert not sched.due(109.9) and sched.due(110.0)
+    assert sched.due(131.0)  # a 21 s stall: one status now,
+    assert not sched.due(131.0) and sched.next == 136.0  # then every 5 s from here
+    sched.at_once(133.0)  # news (a microphone lost) goes out at once
+    assert sched.due(133.0) and sched.next == 138.0

@@ -38,14 +38,16 @@ def test_only_the_stream_systemd_named_counts_as_the_journal(tmp_path, monkeypat
         assert not logs.to_journal(mine)
 
 
-def run_streamkws(args: list[str], stderr_path, journal: bool) -> tuple[int, str]:
+def run_streamkws(args: list[str], stderr_path, journal: bool,
+                  python_code: str | None = None) -> tuple[int, str]:
     with open(stderr_path, "w+") as err:
         env = dict(os.environ)
         env.pop("JOURNAL_STREAM", None)
         if journal:
             st = os.fstat(err.fileno())
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        proc = subprocess.run([sys.executable, "-m", "streamkws", *args], stderr=err,
+        command = (["-c", python_code] if python_code else ["-m", "streamkws", *args])
+        proc = subprocess.run([sys.executable, *command], stderr=err,
                               stdout=subprocess.DEVNULL, env=env, timeout=120)
         err.seek(0)
         return proc.returncode, err.read()
@@ -56,7 +58,7 @@ def test_the_daemon_logs_its_start_and_stop_by_default(tmp_path):
     rc, err = run_streamkws(["run", "--source", "demo", "--fast", "--quiet", "--publish",
                              f"ipc://{tmp_path}/pub.sock"], tmp_path / "err", journal=False)
     assert rc == 0, err
-    lines = err.splitlines()
+    lines = [line for line in err.splitlines() if " streamkws." in line]  # ours only
     assert len(lines) == 2, err
     assert "INFO streamkws.daemon: listening on demo with model default" in lines[0]
     assert "INFO streamkws.daemon: stopped; demo: 25 s audio, " in lines[1]
@@ -66,10 +68,28 @@ def test_under_the_journal_lines_carry_priorities_and_no_time_stamp(tmp_path):
     rc, err = run_streamkws(["run", "--source", "demo", "--fast", "--quiet", "--publish",
                              f"ipc://{tmp_path}/pub.sock"], tmp_path / "err", journal=True)
     assert rc == 0, err
-    assert [line[:30] for line in err.splitlines()] == [
+    assert [line[:30] for line in err.splitlines() if "streamkws." in line] == [
         "<6>INFO streamkws.daemon: list", "<6>INFO streamkws.daemon: stop"]
+    assert all(line.startswith("<") for line in err.splitlines())  # every line tagged
     rc, err = run_streamkws(["run", "--source", f"wav:{tmp_path}/none.wav"],
                             tmp_path / "err", journal=True)
     assert rc == 2
     assert err == f"<3>streamkws run: error: {tmp_path}/none.wav: cannot open (No such " \
                   "file or directory)\n"
+
+
+def test_under_the_journal_crashes_and_warnings_are_tagged_too(tmp_path):
+    """A traceback printed by Python itself would be stored at "info" and missed by
+    `journalctl -p err`."""
+    code = ("import logging, threading, warnings; from streamkws import logs; "
+            "logs.configure(logging.INFO); warnings.warn('careful'); "
+            "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join(); "
+            "raise RuntimeError('boom')")
+    rc, err = run_streamkws([], tmp_path / "err", journal=True, python_code=code)
+    assert rc == 1
+    lines = err.splitlines()
+    assert lines[0].startswith("<4>WARNING py.warnings: ") and lines[0].endswith("careful")
+    assert "<2>CRITICAL streamkws: uncaught exception in thread" in lines[1]
+    assert "<2>ZeroDivisionError: division by zero" in lines
+    assert lines[-1] == "<2>RuntimeError: boom"
+    assert all(line[:3] in ("<4>", "<2>") for line in lines)

@@ -218,8 +218,12 @@ def run_daemon(audio: Path, config: Path, model: str | None = None,
         sub.close()
     proc.wait()
     reader.join(5)
-    if not statuses or not statuses[-1].get("final"):
-        raise StreamKWSError(f"streamkws run did not finish cleanly (exit {proc.returncode}): "
+    # A final status that carries an error (a recording cut short, a processing failure)
+    # ended a run whose figures cover only part of what was asked.
+    if not statuses or not statuses[-1].get("final") or statuses[-1].get("error"):
+        why = statuses[-1].get("error") if statuses else None
+        raise StreamKWSError(f"streamkws run did not finish cleanly (exit {proc.returncode}"
+                             + (f", {why}" if why else "") + "): "
                              + b"".join(err).decode(errors="replace").strip()[-500:])
     first, last = statuses[0], statuses[-1]
     audio_s = last["audio_seconds"] - first["audio_seconds"]
