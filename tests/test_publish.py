@@ -716,19 +716,31 @@ def test_listen_warns_of_a_topic_the_daemon_never_publishes(
     assert not any("'stat'" in w for w in warned)  # a prefix of status: fine
 
 
+def wait_for_text(out: io.StringIO, text: str, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while text not in out.getvalue() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def listening(pub: Publisher, timeout: float
+              ) -> tuple[threading.Thread, io.StringIO, list[int]]:
+    """``listen`` in a thread, once it has printed a message from ``pub``: the thread, what
+    it printed, and (once it returns) its exit status."""
+    out = io.StringIO()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        listen(pub.endpoint, [], None, None, out=out, timeout=timeout)))
+    with Background(pub):
+        thread.start()
+        wait_for_text(out, "\n")
+    return thread, out, result
+
+
 def test_listen_says_when_the_publisher_goes_away_and_a_timeout_then_exits_1(
         make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
     """A subscriber left waiting must learn that the daemon stopped, not just hear nothing."""
     pub = make_pub()
-    out = io.StringIO()
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(
-        listen(pub.endpoint, [], None, None, out=out, timeout=5)))
-    with Background(pub):
-        thread.start()
-        end = time.monotonic() + 10
-        while not out.getvalue() and time.monotonic() < end:
-            time.sleep(0.02)
+    thread, out, result = listening(pub, timeout=5)
     pub.close()  # gone without a final status: a crash, a kill
     thread.join(30)
     assert result == [1]
@@ -743,19 +755,9 @@ def test_listen_takes_a_publisher_that_ended_with_its_final_status_as_a_clean_en
     """`run --fast --wait-subscribers 1` with `listen --timeout 3` capturing it: the replay's
     end is no daemon lost, and the script must see exit 0."""
     pub = make_pub()
-    out = io.StringIO()
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(
-        listen(pub.endpoint, [], None, None, out=out, timeout=3)))
-    with Background(pub):
-        thread.start()
-        end = time.monotonic() + 10
-        while not out.getvalue() and time.monotonic() < end:
-            time.sleep(0.02)
+    thread, out, result = listening(pub, timeout=3)
     pub.publish("status", {**a_status(), "final": True})
-    end = time.monotonic() + 10
-    while '"final":true' not in out.getvalue() and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_for_text(out, '"final":true')
     pub.close()
     thread.join(30)
     assert result == [0]
