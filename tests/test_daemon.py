@@ -55,7 +55,7 @@ def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path),
            "WATCHDOG_USEC": str(watchdog_usec), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamkws", "-v", "run", "--publish", endpoint, "--quiet",
+        [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
          "--wait-subscribers", "1", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return proc, sub, notify
@@ -347,7 +347,7 @@ def test_sighup_during_start_up_does_not_kill_the_daemon(tmp_path):
 def test_sigterm_while_waiting_for_subscribers_stops_at_once(tmp_path):
     endpoint = f"ipc://{tmp_path}/pub.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamkws", "-v", "run", "--publish", endpoint, "--quiet",
+        [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
          "--source", "demo", "--fast", "--wait-subscribers", "1", "--wait-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -652,7 +652,7 @@ class DaemonProcess:
         self.log_path = tmp_path / "daemon.log"
         with open(self.log_path, "w") as log:  # a file, not a pipe nobody drains meanwhile
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamkws", "-v", "run", "--config", str(cfg),
+                [sys.executable, "-m", "streamkws", "run", "--config", str(cfg),
                  "--source", f"mic:{device}", "--publish", endpoint, "--quiet",
                  "--wait-subscribers", "1"],
                 stdout=subprocess.DEVNULL, stderr=log)
