@@ -64,7 +64,8 @@ def listen(
 
     Stops on Ctrl-C, after ``count`` messages, or after ``timeout`` seconds without one.
     Returns 0, or 1 when ``timeout`` ran out while not connected to the publisher (never
-    reached, or gone without its final status and not back).
+    reached, or gone without its final status and not back) or after a final status that
+    carried an error.
     ``server_key``: the publisher's public key file (its ``.key`` or ``.key_secret``);
     ``client_key``: our key-pair file (``.key_secret``), else an ephemeral key pair.
     """
@@ -87,7 +88,7 @@ def listen(
             _setup_curve_client(sub, server_key, client_key)
         elif client_key:
             raise StreamKWSError("--client-key needs --server-key (the publisher's public key)")
-        for t in topics or [""]:
+        for t in _subscriptions(topics):
             sub.setsockopt(zmq.SUBSCRIBE, t.encode("utf-8"))
         events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         for e in _HANDSHAKE_FAILURES:
@@ -98,7 +99,7 @@ def listen(
         except zmq.ZMQError as exc:
             raise StreamKWSError(f"cannot connect to {connect}: {exc}") from None
         told = _warn_if_unreachable(connect)
-        return _loop(sub, monitor, connect, out, count, timeout, told_why=told)
+        return _loop(sub, monitor, connect, out, count, timeout, topics, told_why=told)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -144,7 +145,8 @@ def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
 
 
 def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
-          count: int | None, timeout: float | None, told_why: bool = False) -> int:
+          count: int | None, timeout: float | None, topics: list[str] | None = None,
+          told_why: bool = False) -> int:
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
@@ -158,6 +160,9 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
         deadlines = [link.warn_at] if link.warn_at is not None else []
         if timeout is not None:
             if last + timeout <= now:
+                if link.failed is not None:
+                    log.warning("%s: the publisher's run failed: %s", connect, link.failed)
+                    return 1
                 if link.up or link.ended:  # connected, or told the run ended cleanly
                     return 0
                 # A script waiting for a detection must tell "none came" from "no daemon".
@@ -171,23 +176,21 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
             deadlines.append(last + timeout)
         wait_ms = max(1, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
         events = dict(poller.poll(wait_ms))
-        if monitor in events:
-            _handle_monitor(monitor, link)
-        link.check(time.monotonic())
-        if sub not in events:
-            continue
-        while True:
+        # Messages before connection events: a daemon publishes its final status and
+        # closes at once, and its disconnect must be read knowing that the run ended.
+        while sub in events:
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            last = time.monotonic()
             formatted = _format(frames)
             if formatted is None:
                 continue
             line, payload = formatted
-            if frames[0] == b"status" and payload.get("final") is True:
-                link.ended = True
+            link.heard(frames[0], payload)
+            if not _wanted(frames[0], topics):  # a status taken only to see the run end
+                continue
+            last = time.monotonic()
             try:
                 out.write(line + "\n")
                 out.flush()
@@ -197,6 +200,21 @@ def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,
             received += 1
             if count is not None and received >= count:
                 return 0
+        if monitor in events:
+            _handle_monitor(monitor, link)
+        link.check(time.monotonic())
+
+
+def _wanted(topic: bytes, topics: list[str] | None) -> bool:
+    return not topics or any(topic.startswith(t.encode("utf-8")) for t in topics)
+
+
+def _subscriptions(topics: list[str] | None) -> list[str]:
+    """What to subscribe to: the topics asked for, and ``status`` too (not printed unless
+    asked for), whose final message tells a run that ended from a daemon that died."""
+    if not topics:
+        return [""]
+    return [*topics, *([] if _wanted(b"status", topics) else ["status"])]
 
 
 def _format(frames: list[bytes]) -> tuple[str, dict] | None:
@@ -304,7 +322,9 @@ class _Link:
         self.up = False
         self.lost_at = started
         self.ended = False
-        """The publisher's final status arrived: its going away is no news."""
+        """The last message was the publisher's final status: its going away is no news."""
+        self.failed: str | None = None
+        """That final status's ``error``: the run ended, but as a failure."""
         self.failures_told: set[int] = set()
         """Handshake failures already explained since the last success."""
 
@@ -322,7 +342,7 @@ class _Link:
 
     def connected(self, now: float) -> None:
         self.warn_at = None
-        self.up, self.ended = True, False  # a new run
+        self.up = True
         self.failures_told.clear()
         if self.told:  # the user saw the warning: say that it no longer holds
             self.told = False
@@ -332,6 +352,12 @@ class _Link:
         else:
             log.debug("connected to %s", self.connect)
         self.ever = True
+
+    def heard(self, topic: bytes, payload: dict) -> None:
+        """Every message: whether the run it comes from has ended, and how."""
+        self.ended = topic == b"status" and payload.get("final") is True
+        error = payload.get("error") if self.ended else None
+        self.failed = str(error) if error else None
 
     def lost(self, now: float) -> None:
         """ZeroMQ reconnects by itself, in silence: a subscriber left waiting for a
@@ -402,7 +428,7 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
                         help="exit after S seconds without a message: 0 if connected or "
                              "the publisher ended with its final status, 1 if not reached "
-                             "(never, or gone and not back)")
+                             "(never, or gone and not back) or if its run failed")
 
 
 def run_listen(args: argparse.Namespace) -> int:

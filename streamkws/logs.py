@@ -64,17 +64,27 @@ def configure(level: int) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JournalFormatter() if journal else logging.Formatter(TERMINAL_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
-    if journal:
+    # Only when our handler is the one in place: a program that set up its own logging
+    # before calling us keeps its own hooks too.
+    if journal and handler in logging.getLogger().handlers:
         # Python's own last words (a crash's traceback, a thread's, a library's warning)
         # go to stderr untagged, stored as "info": through logging they are found by
         # `journalctl -p err` like every other error.
         logging.captureWarnings(True)
         sys.excepthook = _log_uncaught
         threading.excepthook = _log_uncaught_in_thread
+        sys.unraisablehook = _log_unraisable
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
     logging.getLogger("streamkws").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_unraisable(args: Any) -> None:
+    """What Python prints as "Exception ignored in ..." (a failing ``__del__``, say)."""
+    logging.getLogger("streamkws").error(
+        "exception ignored in %r", args.object,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:

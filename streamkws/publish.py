@@ -207,9 +207,12 @@ class Publisher:
         try:
             s.bind(cfg.endpoint)
         except zmq.ZMQError as exc:
-            # An address DHCP has not given yet, an interface not yet up, a port a
-            # previous process still holds: at boot these heal, so systemd retries them.
-            transient = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.ENODEV)
+            # An address DHCP has not given yet, an interface without its address yet, a
+            # port a previous process still holds: at boot these heal, so systemd retries
+            # them. ZeroMQ's ENODEV also covers a host that names nothing (a typo), which
+            # never heals: only an interface that exists counts as "not yet".
+            transient = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or (
+                exc.errno == errno.ENODEV and _is_interface(tcp_host(cfg.endpoint)))
             raise (TemporaryError if transient else StreamKWSError)(
                 f"cannot publish on {cfg.endpoint}: {_bind_reason(exc, cfg.endpoint)}"
             ) from None
@@ -528,6 +531,13 @@ def _ipc_file(endpoint: str) -> Path | None:
     if not raw or raw.startswith("@") or raw == "*":
         return None
     return Path(raw)
+
+
+def _is_interface(name: str) -> bool:
+    try:
+        return name in {n for _, n in socket.if_nameindex()}
+    except OSError:
+        return False
 
 
 def _bind_reason(exc: zmq.ZMQError, endpoint: str) -> str:

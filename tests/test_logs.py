@@ -60,6 +60,7 @@ def test_the_daemon_logs_its_start_and_stop_by_default(tmp_path):
     assert rc == 0, err
     lines = [line for line in err.splitlines() if " streamkws." in line]  # ours only
     assert len(lines) == 2, err
+    assert "Traceback" not in err and "Error" not in err, err  # nor anyone's failure
     assert "INFO streamkws.daemon: listening on demo with model default" in lines[0]
     assert "INFO streamkws.daemon: stopped; demo: 25 s audio, " in lines[1]
 
