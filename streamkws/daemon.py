@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from streamkws import SAMPLE_RATE
+from streamkws.audio.base import AudioSource
 from streamkws.audio.chunk import Chunk
 from streamkws.audio.mic import MicSource, load_portaudio, refresh_devices
 from streamkws.audio.ring import RingBuffer
@@ -228,6 +229,25 @@ def _naming(key: str, from_file: bool) -> Iterator[None]:
         raise ConfigError(key, str(exc)) from None
 
 
+def load_model(cfg: Config, overrides: Overrides) -> Bundle:
+    """The bundle ``model.name`` names, an error about it naming the key when a config
+    file gave it (start-up, reload and ``run --check`` alike)."""
+    with _naming("model.name", overrides.model is None and cfg.model.name != ModelConfig.name):
+        return load_bundle(cfg.model.name)
+
+
+def open_audio(cfg: Config, overrides: Overrides) -> AudioSource:
+    """The source ``audio.source`` names (not yet started), as :func:`load_model` names
+    its key; a microphone needs PortAudio, whose absence is a start-up error, not an
+    outage to wait out."""
+    with _naming("audio.source",
+                 overrides.source is None and cfg.audio.source != AudioConfig.source):
+        source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+    if isinstance(source, MicSource):
+        load_portaudio()
+    return source
+
+
 def check(cfg: Config, overrides: Overrides) -> str:
     """Read and check all that ``run`` reads at start-up, without opening the device or
     binding the socket (``run --check``): what an admin runs before ``systemctl reload``,
@@ -237,14 +257,9 @@ def check(cfg: Config, overrides: Overrides) -> str:
 
     from streamkws.publish import load_curve_keys
 
-    with _naming("model.name", overrides.model is None and cfg.model.name != ModelConfig.name):
-        bundle = load_bundle(cfg.model.name)
+    bundle = load_model(cfg, overrides)
     Pipeline(cfg, bundle)  # a front end the model cannot be fed with is refused here
-    with _naming("audio.source",
-                 overrides.source is None and cfg.audio.source != AudioConfig.source):
-        source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
-    if isinstance(source, MicSource):
-        load_portaudio()
+    source = open_audio(cfg, overrides)
     curve = ""
     if cfg.publish.curve_secret_key:
         public, secret, _ = load_curve_keys(cfg.publish)
@@ -322,14 +337,9 @@ class Daemon:
             self.wait_subscribers = wait_subscribers
             self.wait_timeout = wait_timeout
             torch.set_num_threads(cfg.model.threads)
-            self.bundle = self._load_bundle(cfg)
+            self.bundle = load_model(cfg, self.overrides)
             self.pipeline = Pipeline(cfg, self.bundle)
-            with _naming("audio.source", self.overrides.source is None
-                         and cfg.audio.source != AudioConfig.source):
-                self.source = open_source(cfg.audio.source, cfg.audio.realtime,
-                                          cfg.audio.block_ms)
-            if isinstance(self.source, MicSource):
-                load_portaudio()  # a missing library is a start-up error, not an outage to wait out
+            self.source = open_audio(cfg, self.overrides)
             self.supervisor: SourceSupervisor | None = None
             self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
             self.publisher = Publisher(cfg.publish)
@@ -376,11 +386,6 @@ class Daemon:
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
-    def _load_bundle(self, cfg: Config) -> Bundle:
-        with _naming("model.name", self.overrides.model is None
-                     and cfg.model.name != ModelConfig.name):
-            return load_bundle(cfg.model.name)
-
     def reload(self) -> bool:
         """Re-read the config and model; on any error keep running the old ones."""
         self.notifier.reloading()
@@ -388,7 +393,7 @@ class Daemon:
             loaded = apply_overrides(load_default(self.config_path), self.overrides)
             # The device and the socket stay open, so their settings stay too.
             new = loaded.replace(audio=self.cfg.audio, publish=self.cfg.publish)
-            bundle = self._load_bundle(new)
+            bundle = load_model(new, self.overrides)
             pipeline = Pipeline(new, bundle)
         except StreamKWSError as exc:
             log.error("reload rejected, still running the previous configuration: %s", exc)
