@@ -363,7 +363,7 @@ def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike
     allow-any), each checked as start-up would: ``run --check`` calls this too."""
     path = Path(cfg.curve_secret_key).expanduser()
     if path.is_dir():
-        raise StreamKWSError(f"publish.curve_secret_key: {path} is a folder, not a key file")
+        raise StreamKWSError(f"publish.curve_secret_key {path}: is a folder; give the key file")
     if not path.is_file():
         raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
     try:

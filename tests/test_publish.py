@@ -481,7 +481,8 @@ def test_a_secret_key_its_group_can_read_is_used_with_a_warning(
 def test_key_paths_that_are_folders_or_unreadable_say_so(
         make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(StreamKWSError, match="is a folder, not a key file"):
+    with pytest.raises(StreamKWSError,
+                       match="publish.curve_secret_key .*: is a folder; give the key file"):
         make_pub(curve_secret_key=str(tmp_path))
     clients = tmp_path / "clients"
     clients.mkdir()
