@@ -89,10 +89,11 @@ class AudioError(StreamKWSError):
 
 def exit_status(prog: str, func: Callable[[_A], int], arg: _A) -> int:
     """``func(arg)``'s exit status, with a :class:`StreamKWSError` reported as one line
-    ``<prog>: error: <message>`` on stderr and :data:`EXIT_USER_ERROR`, for the tools run
-    with ``python -m`` outside the ``streamkws`` command."""
+    ``<prog>: error: <message>`` on stderr and :data:`EXIT_USER_ERROR` (or the error's own
+    status, as ``streamkws`` does), for the tools run with ``python -m`` outside the
+    ``streamkws`` command."""
     try:
         return func(arg)
     except StreamKWSError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_status", EXIT_USER_ERROR)

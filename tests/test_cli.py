@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from streamkws.cli import main
+from streamkws.errors import StreamKWSError, TemporaryError, exit_status
 
 pytest_plugins = ["pulse"]
 
@@ -325,3 +326,15 @@ def test_a_bad_value_typed_on_the_command_line_is_named_by_its_option(capsys):
     assert capsys.readouterr().err.strip() == (
         "streamkws run: error: --publish: the port must be 0-65535 or * "
         "(got 'tcp://127.0.0.1:99999')")
+
+
+@pytest.mark.parametrize("error, status", [
+    (StreamKWSError("bad input"), 2),
+    (TemporaryError("port still held"), 75),
+])
+def test_a_tool_run_outside_the_command_exits_as_the_command_would(capsys, error, status):
+    def fail(_arg: None) -> int:
+        raise error
+
+    assert exit_status("tool", fail, None) == status
+    assert capsys.readouterr().err == f"tool: error: {error}\n"
