@@ -288,7 +288,7 @@ class ClipCache:
         keep, arrays, skipped = [], [], list(ds.skipped)
         it: Iterable = ds.items
         if progress:
-            from tqdm import tqdm
+            from streamkws.progress import tqdm
 
             it = tqdm(ds.items, desc=f"loading {Path(ds.root).name or 'clips'}", unit="clip",
                       leave=False)

@@ -62,9 +62,9 @@ class Feeder(threading.Thread):
 def soak(audio: Path, hours: float, warmup_minutes: float, config: str | None = None,
          progress: bool = True) -> dict:
     import zmq
-    from tqdm import tqdm
 
     from streamkws.audio.wav import load_audio
+    from streamkws.progress import tqdm
 
     x = load_audio(audio)
     pcm = (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()

@@ -148,7 +148,7 @@ def run_pipeline(cfg: Config, bundle: Bundle, audio: str | Path, progress: bool 
 
 
 def _bar(total_s: float, enabled: bool):
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     return tqdm(total=round(total_s, 1), unit="s audio", disable=not enabled, leave=False,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
@@ -292,7 +292,7 @@ def calibrate(run: Run, truth: Sequence[Utterance], detect: DetectConfig, target
     per hour. Each keyword gets the lowest threshold (so the best recall) that keeps within
     its share; then all keywords are decided together and, while the total still exceeds
     the target, the keyword with the most false alarms is raised one step."""
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     kws = keywords_of(run, detect)
     grid = [float(t) for t in THRESHOLDS if t >= min_threshold]

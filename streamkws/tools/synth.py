@@ -480,7 +480,7 @@ def synthesize(out_dir: str | Path, words: Sequence[str] = KEYWORDS,
     ``engines`` (clips per engine), ``failed`` (jobs that gave no usable clip), ``seconds``
     and ``skipped`` (True when a complete set with these settings was already there).
     """
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     words = list(dict.fromkeys(words))
     _check_words(words, "words")

@@ -616,7 +616,7 @@ class _NoBar:
 def _progress(total: int, enabled: bool, desc: str = "training", unit: str = "step"):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit)
 

@@ -75,7 +75,7 @@ class Data:
 
 
 def load_data(root: Path, progress: bool = True) -> Data:
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     sc = root / "speech_commands_v2_real"
     kw_files = sorted(p for w in KEYWORDS for p in (sc / w).glob("*.wav"))
@@ -104,7 +104,7 @@ def label(cfg: VadConfig) -> str:
 
 
 def measure(cfg: VadConfig, data: Data, progress: bool = True) -> dict:
-    from tqdm import tqdm
+    from streamkws.progress import tqdm
 
     gate = VadGate.from_config(cfg)
     cpu = 0.0
