@@ -47,6 +47,21 @@ class NotifySocket:
         return [m for _, m in self.seen]
 
 
+def wait_until_handled(proc: subprocess.Popen, sig: int, timeout: float = 30.0) -> None:
+    """Until ``proc`` ignores or catches ``sig`` (``/proc/PID/status``), so a test can send
+    it at the earliest moment the real program could survive it, however slow start-up is."""
+    bit = 1 << (sig - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the process ended before it handled the signal"
+        fields = dict(line.split(":\t", 1)
+                      for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines())
+        if (int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & bit:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"signal {sig} not handled within {timeout} s")
+
+
 def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
     notify = NotifySocket(tmp_path / "notify.sock")
     endpoint = f"ipc://{tmp_path}/pub.sock"
@@ -338,7 +353,9 @@ def test_a_reload_keeps_the_audio_and_publish_settings_it_says_need_a_restart(tm
 
 def test_sighup_during_start_up_does_not_kill_the_daemon(tmp_path):
     proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime")
-    time.sleep(0.3)  # importing and loading the model: before any handler of the daemon's
+    # Once the process no longer dies of SIGHUP (the command's first step), and while it is
+    # still importing and loading the model, long before any handler of the daemon's.
+    wait_until_handled(proc, signal.SIGHUP)
     proc.send_signal(signal.SIGHUP)
     notify.wait_for("READY=1")
     assert proc.poll() is None
