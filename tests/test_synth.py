@@ -112,6 +112,19 @@ def test_refuses_a_folder_that_is_not_its_own(tmp_path):
     assert (tmp_path / "notes.txt").exists()
 
 
+def test_a_file_synth_did_not_make_stops_a_remake_before_anything_is_deleted(tiny, tmp_path):
+    out, _ = tiny
+    copy = tmp_path / "set"
+    shutil.copytree(out, copy)
+    before = sorted(copy.glob("*/*.wav"))
+    mine = copy / "yes" / "my_own_recording.wav"
+    mine.write_bytes(b"RIFF")
+    with pytest.raises(FileExistsError, match="my_own_recording.wav: not made by synth"):
+        synth.synthesize(copy, ["yes"], [], 2, seed=1, jobs=1, progress=False)
+    assert mine.exists()
+    assert sorted(p for p in copy.glob("*/*.wav") if p != mine) == before
+
+
 def test_same_seed_same_files(tiny, tmp_path):
     out, _ = tiny
     synth.synthesize(tmp_path, WORDS, UNKNOWN, PER_WORD, seed=1, jobs=1, progress=False)
@@ -174,3 +187,20 @@ def test_a_keyword_is_never_an_unknown_word(tmp_path):
                                progress=False)
     assert summary["counts"] == {"yes": 2, "_unknown_": 3}
     assert {p.name.split("_")[0] for p in (tmp_path / "_unknown_").glob("*.wav")} == {"bed"}
+
+
+def test_every_name_synth_gives_is_one_it_may_later_remake():
+    plan = synth.plan_jobs(WORDS, UNKNOWN + ["don't", "x-ray"], 20, 3, VOICES)
+    assert all(synth._OURS.match(j.filename) for j in plan)
+    assert not synth._OURS.match("up_0a7c2a8d_nohash_0.wav")  # a Speech Commands clip
+
+
+def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    rec = tmp_path / "rec.wav"
+    rec.write_bytes(b"RIFF")
+    if not synth.discover_voices():
+        pytest.skip("no synthesiser: the voices are looked for first")
+    assert synth.main(["--out", str(rec), "--words", "yes", "--per-word", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m streamkws.tools.synth: error: --out {rec}: is a file, not a folder\n"
+    assert rec.read_bytes() == b"RIFF"

@@ -46,7 +46,7 @@ import numpy as np
 
 from streamkws import SAMPLE_RATE
 from streamkws.audio.wav import load_audio
-from streamkws.errors import ArgumentParser, AudioError
+from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, AudioError
 
 log = logging.getLogger(__name__)
 
@@ -450,17 +450,33 @@ def _is_complete(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     )
 
 
+_OURS = re.compile(r"^(?:[a-z'-]+_)?(?:espeak|flite)-[a-z0-9-]+_nohash_\d+\.(?:wav|tmp)$")
+"""The names :attr:`Job.filename` gives (and their temporary files): the only files a new run
+may delete from a folder an earlier run made."""
+
+
 def _prepare(out: Path, manifest: dict[str, Any] | None, labels: Sequence[str]) -> None:
     """Empty the label folders of a previous (other or unfinished) run. A folder that holds
-    files but no manifest is not ours: refuse rather than mix or delete someone's data."""
+    files but no manifest is not ours, and a file whose name synth does not give was put
+    there by someone else: refuse rather than mix or delete someone's data."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a folder")
     if out.exists() and manifest is None and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and has no {MANIFEST}; use a new folder")
+        raise FileExistsError(f"--out {out}: is not empty and has no {MANIFEST}; use a new "
+                              "folder")
     old = set(manifest.get("labels", [])) if manifest else set()
+    doomed = []
     for label in sorted(old | set(labels)):
         d = out / label
         if d.is_dir():
-            for p in list(d.glob("*.wav")) + list(d.glob("*.tmp")):
-                p.unlink()
+            for p in sorted(d.iterdir()):
+                if not _OURS.match(p.name):
+                    raise FileExistsError(
+                        f"{p}: not made by synth, and this run re-makes {d}; move it out, or "
+                        "give a new --out")
+                doomed.append(p)
+    for p in doomed:
+        p.unlink()
     for label in labels:
         (out / label).mkdir(parents=True, exist_ok=True)
 
@@ -575,8 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = synthesize(args.out, words, DEFAULT_UNKNOWN if unknown is None else unknown,
                              args.per_word, args.seed, args.jobs)
     except (ValueError, RuntimeError, FileExistsError) as exc:
-        log.error("%s", exc)
-        return 1
+        # One line and status 2, as every other command's user error.
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
