@@ -183,6 +183,9 @@ def test_calibration_writes_thresholds_that_meet_the_budget_on_the_negative_reco
     r = streamkws("stream-eval", str(neg), "--negative", "--target-fa-per-hour", "20",
                   "--write-config", str(tuned), "--json")
     assert r.returncode == 0, r.stderr
+    # A few minutes cannot measure 20 per hour: "met" only says none were heard, and it
+    # is said.
+    assert "where one false alarm is already" in r.stderr
     report = json.loads(r.stdout)
     cal = report["calibration"]
     cfg = load(tuned)  # the daemon's own loader accepts the file
@@ -195,6 +198,9 @@ def test_calibration_writes_thresholds_that_meet_the_budget_on_the_negative_reco
     again = json.loads(r.stdout)
     assert again["overall"]["fa_per_hour"] <= 20
     assert again["overall"]["false_alarms"] <= report["overall"]["false_alarms"]
+    r = streamkws("stream-eval", str(neg), "--negative", "--target-fa-per-hour", "1000",
+                  "--json")
+    assert r.returncode == 0 and "false alarm is already" not in r.stderr, r.stderr
 
 
 def test_calibrated_thresholds_are_the_lowest_that_fit_each_keywords_share(pipeline_run):
@@ -399,3 +405,60 @@ def test_a_folder_given_as_the_recording_is_called_a_folder(tmp_path):
     r = streamkws("stream-eval", str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "is a folder" in r.stderr and "no such recording" not in r.stderr
+
+
+def test_build_refuses_an_snr_without_a_noise_bed_to_set_it_against(data_dir, tmp_path):
+    out = tmp_path / "new" / "rec.wav"
+    r = streamkws("stream-eval", str(out), "--build", "--data",
+                  str(data_dir / "speech_commands_v2_real"), "--snr", "0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--snr needs --noise DIR" in r.stderr
+    assert not out.parent.exists()
+
+
+def test_build_without_a_model_names_the_word_folders_it_places_as_other_words(data_dir,
+                                                                               tmp_path):
+    """A user's own keyword folders (marvin/) built without --model or --keywords became
+    other words, so a 'negative' recording held their keywords, silently."""
+    clips = data_dir / "speech_commands_v2_real"
+    mine = tmp_path / "mydata"
+    (mine / "marvin").mkdir(parents=True)
+    for p in sorted((clips / "_unknown_").glob("marvin_*.wav"))[:3]:
+        (mine / "marvin" / p.name).symlink_to(p)
+    (mine / "yes").symlink_to(clips / "yes")
+    r = streamkws("stream-eval", str(tmp_path / "neg.wav"), "--build", "--negative",
+                  "--data", str(mine), "--unknown", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "marvin: not keywords here" in r.stderr and "give --model or --keywords" in r.stderr
+    assert "no --noise: the words sit in digital silence" in r.stderr
+    r = streamkws("stream-eval", str(tmp_path / "kw.wav"), "--build", "--data", str(mine),
+                  "--keywords", "marvin", "--per-keyword", "1", "--unknown", "1", "--json")
+    assert r.returncode == 0 and "not keywords here" not in r.stderr, r.stderr
+
+
+def test_held_out_speakers_are_those_of_the_models_own_split(tiny_bundle, data_dir, tmp_path,
+                                                            monkeypatch):
+    """tiny_bundle held out 30 % of speakers: its held-out recording must come from those,
+    not from the default split's 15 %."""
+    from streamkws.cli import main
+
+    seen = {}
+
+    def build(*args, **kwargs):
+        seen.update(kwargs)
+        return {"audio": "", "duration_s": 0, "keyword_utterances": 0, "other_words": 0,
+                "labels": ""}
+
+    monkeypatch.setattr(se, "build", build)
+    argv = ["stream-eval", str(tmp_path / "h.wav"), "--build", "--data",
+            str(data_dir / "speech_commands_v2_real"), "--speakers", "heldout"]
+    assert main([*argv, "--model", str(tiny_bundle.path)]) == 0
+    assert seen["split"] == (0.3, 0)
+    assert main(argv) == 0
+    assert seen["split"] == (0.15, 0)
+
+
+def test_negative_says_it_ignores_the_label_file_beside_the_recording(recording):
+    r = streamkws("stream-eval", str(recording), "--negative", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "lists 30 keyword utterance(s), but --negative counts every detection" in r.stderr

@@ -502,3 +502,34 @@ def test_train_learns_the_keywords_you_name(numbers_data, tmp_path, capsys):
     b = load_bundle(out)
     assert b.labels == ["eight", "zero", "_unknown_", "_silence_"]
     assert report["validation"]["recall"]["eight"] is not None
+
+
+def test_what_a_users_own_data_lacks_is_said_before_training(speech_dir, tmp_path, caplog):
+    """No _silence_ folder, recordings named without a speaker, a keyword no held-out
+    speaker said: the run still trains, but each would make its scores mean less."""
+    root = tmp_path / "mine"
+    for label in ("yes", "no", "_unknown_"):
+        (root / label).mkdir(parents=True)
+        for p in sorted((speech_dir / label).glob("*.wav"))[:12]:
+            (root / label / p.name).symlink_to(p)
+    (root / "yes" / "take1.wav").symlink_to(sorted((speech_dir / "yes").glob("*.wav"))[20])
+    for p in sorted((speech_dir / "up").glob("*.wav"))[:2]:  # two speakers, both trained on
+        (root / "up").mkdir(exist_ok=True)
+        (root / "up" / p.name).symlink_to(p)
+    cfg = TrainConfig(data=[root], out=tmp_path / "m.skw", progress=False, val_fraction=0.3,
+                      split_seed=2, labels=("yes", "no", "up", "_unknown_", "_silence_"))
+    with caplog.at_level("WARNING"):
+        prepare_data(cfg)
+    said = caplog.text
+    assert "no _silence_ clips in --data" in said
+    assert "1 of 39 clips have no speaker in their file name" in said and "take1.wav" in said
+    assert "no validation clips of up" in said
+
+
+def test_a_complete_data_set_trains_without_those_warnings(small_data, caplog):
+    cfg = TrainConfig(data=[small_data], out=small_data / "m.skw", progress=False,
+                      val_fraction=0.3, labels=("yes", "no", "_unknown_", "_silence_"))
+    with caplog.at_level("WARNING"):
+        prepare_data(cfg)
+    assert "_silence_ clips" not in caplog.text and "no speaker" not in caplog.text
+    assert "no validation clips" not in caplog.text

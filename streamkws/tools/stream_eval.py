@@ -327,11 +327,14 @@ def calibrate(run: Run, truth: Sequence[Utterance], detect: DetectConfig, target
 def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int, unknown: int,
           snr_db: float | None, gap_s: tuple[float, float], seed: int, speakers: str,
           negative: bool, min_contrast_db: float,
-          keywords: Sequence[str] | None = None, labels_out: Path | None = None) -> dict:
+          keywords: Sequence[str] | None = None, labels_out: Path | None = None,
+          split: tuple[float, int] = HELDOUT_SPLIT) -> dict:
     """A recording of labelled clips at random spacing over real noise, and its label file
     (keyword utterances only; other words are in it as distractors) at ``labels_out``
     (default: ``out`` as .csv). ``keywords``: the words that are keywords (default: the ten
-    Speech Commands words); every other word may be a distractor, never one of these."""
+    Speech Commands words); every other word may be a distractor, never one of these.
+    ``split``: the validation fraction and split seed whose validation speakers ``speakers
+    == "heldout"`` keeps (default: ``train``'s default split)."""
     from streamkws.data import (
         SILENCE,
         UNKNOWN,
@@ -350,9 +353,9 @@ def build(out: Path, data: Sequence[Path], noise: Path | None, per_keyword: int,
         ds = part if ds is None else ds + part
     assert ds is not None
     if speakers == "heldout":
-        # The validation speakers of `streamkws train` with its default split (and of the
-        # bundled models): words no such model has trained on.
-        ds = speaker_split(ds, *HELDOUT_SPLIT)[1]
+        # The validation speakers of `streamkws train` with that split (by default, the
+        # bundled models'): words no such model has trained on.
+        ds = speaker_split(ds, *split)[1]
     rng = np.random.default_rng(seed)
     missing = missing_keywords(ds) if not negative and keywords is not None else []
     if missing:
@@ -436,10 +439,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the words that are keywords (default: --model's, else the ten "
                         "Speech Commands words); no other word is placed as one, and none "
                         "of these as a distractor")
-    b.add_argument("--noise", type=Path, metavar="DIR", help="noise recordings for the bed")
-    b.add_argument("--snr", type=float, default=20.0,
+    b.add_argument("--noise", type=Path, metavar="DIR",
+                   help="noise recordings for the bed (without it, the words sit in digital "
+                        "silence, which no microphone hears)")
+    b.add_argument("--snr", type=float,
                    help=f"speech over noise, dB, within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} "
-                        "(default 20)")
+                        "(default 20; needs --noise)")
     b.add_argument("--gap", default="1.5:3.5", metavar="MIN:MAX",
                    help="seconds between placed words (each keeps 150 ms of its recording "
                         "either side), drawn uniformly (default 1.5:3.5)")
@@ -448,12 +453,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--unknown", type=int, default=50,
                    help=f"other words as distractors, 0..{MAX_UNKNOWN} (default 50)")
     b.add_argument("--speakers", choices=("all", "heldout"), default="all",
-                   help="heldout: only the validation speakers of the default training split")
+                   help="heldout: only the validation speakers of --model's training split "
+                        "(without --model: of train's default split)")
     b.add_argument("--min-contrast-db", type=float, default=20.0,
                    help="skip keyword clips whose word stands less than this above their "
                         "own background (some recordings hold no audible word)")
     b.add_argument("--seed", type=int, default=0,
                    help="which clips, in which order and spacing (default 0)")
+
+
+def _warn_word_folders(data: Sequence[Path], labels: Sequence[str]) -> None:
+    """Say so when ``data`` holds word folders that are not among ``labels``: built without
+    --model or --keywords, they become other words, which for a user's own keywords is the
+    opposite of what they are."""
+    from streamkws.data import SILENCE, UNKNOWN
+
+    extra = sorted({p.name for d in data for p in d.iterdir()
+                    if p.is_dir() and not p.name.startswith("_") and p.name not in labels
+                    and p.name not in (SILENCE, UNKNOWN)})
+    if extra:
+        log.warning("%s: not keywords here (neither --model nor --keywords was given, so the "
+                    "keywords are the ten Speech Commands words); placed as other words. "
+                    "For your own keywords, give --model or --keywords", ", ".join(extra))
 
 
 def _gap(text: str) -> tuple[float, float]:
@@ -474,9 +495,16 @@ def run(args: argparse.Namespace) -> int:
             if not d.is_dir():
                 raise no_folder(d, "noise folder" if d is args.noise else "data folder")
         # Values first: a refused run must not leave the folders check_output makes.
-        if not SNR_RANGE[0] <= args.snr <= SNR_RANGE[1]:  # NaN fails this too
+        if args.snr is not None and args.noise is None:
+            raise StreamKWSError("--snr needs --noise DIR: without a noise bed there is "
+                                 "nothing to set the speech against")
+        snr = 20.0 if args.snr is None else args.snr
+        if args.noise is None:
+            log.warning("no --noise: the words sit in digital silence, which no microphone "
+                        "hears, so recall and false alarms will read better than on a device")
+        if not SNR_RANGE[0] <= snr <= SNR_RANGE[1]:  # NaN fails this too
             raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
-                                 f"of speech over the noise bed (got {args.snr:g})")
+                                 f"of speech over the noise bed (got {snr:g})")
         # Each placed word takes ~4 s with its gap: 10 keywords x 500 + 5000 others is
         # already ~11 hours (1.3 GB); beyond that a typo (100000) fills the disk.
         if not 1 <= args.per_keyword <= MAX_PER_KEYWORD:
@@ -487,11 +515,18 @@ def run(args: argparse.Namespace) -> int:
                                  f"(got {args.unknown})")
         from streamkws.data import SILENCE, UNKNOWN, labels_for
 
+        model = load_bundle(args.model) if args.model else None
         # The keywords given ("" is a mistake, not the default ten words), else the model's.
         label_set = (labels_for(args.keywords.split(",")) if args.keywords is not None
-                     else load_bundle(args.model).labels if args.model else None)
+                     else model.labels if model is not None else None)
         keywords = None if label_set is None else [lb for lb in label_set
                                                    if lb not in (SILENCE, UNKNOWN)]
+        if label_set is None:
+            _warn_word_folders(args.data, labels_for(None))
+        split = HELDOUT_SPLIT
+        if model is not None and args.speakers == "heldout":
+            split = (model.validation_fraction or HELDOUT_SPLIT[0],
+                     HELDOUT_SPLIT[1] if model.split_seed is None else model.split_seed)
         out = check_output(args.audio, "REC.wav", suffixes=(".wav",))
         # The suffix keeps a slip (--labels REC.wav) from writing labels over the recording.
         labels = (check_output(args.labels, "--labels", suffixes=(".csv",)) if args.labels
@@ -501,8 +536,9 @@ def run(args: argparse.Namespace) -> int:
                 if written.resolve().is_relative_to(d.resolve()):
                     raise StreamKWSError(f"{written}: would write into the --data folder {d}")
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
-                     args.snr, _gap(args.gap), args.seed, args.speakers, args.negative,
-                     args.min_contrast_db, keywords, labels_out=labels)
+                     snr if args.noise else None, _gap(args.gap), args.seed, args.speakers,
+                     args.negative, args.min_contrast_db, keywords, labels_out=labels,
+                     split=split)
         if args.json:
             print(json.dumps(info))
         else:
@@ -574,6 +610,13 @@ def run(args: argparse.Namespace) -> int:
             log.warning("the budget of %g false alarms per hour cannot be met on this "
                         "recording even at threshold %.3f", args.target_fa_per_hour,
                         THRESHOLDS[-1])
+        elif cal["hours"] * args.target_fa_per_hour < 1.0:
+            # One false alarm already breaks the budget: "met" means "none were heard".
+            log.warning("%s holds %.2f h of other audio, where one false alarm is already "
+                        "%.0f per hour: a budget of %g per hour is met only by none at all, "
+                        "which says little; a recording of %.0f h or more measures it",
+                        args.audio, cal["hours"], 1 / max(cal["hours"], 1e-9),
+                        args.target_fa_per_hour, 3 / args.target_fa_per_hour)
         if args.write_config:
             # A model given as a path is written absolute: --model was relative to the
             # working directory, but a config file's paths are read from its own folder.
@@ -601,6 +644,10 @@ def _truth(args: argparse.Namespace) -> list[Utterance]:
     _check_recording(args.audio)
     labels = args.labels or args.audio.with_suffix(".csv")
     if args.negative and args.labels is None:
+        if labels.is_file() and (listed := read_labels(labels)):
+            log.warning("%s lists %d keyword utterance(s), but --negative counts every "
+                        "detection on %s as a false alarm (leave out --negative to score "
+                        "against it)", labels, len(listed), args.audio)
         return []
     if not labels.is_file():
         raise StreamKWSError(f"{labels}: no label file (pass --labels, or --negative if the "

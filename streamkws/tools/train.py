@@ -160,6 +160,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         raise StreamKWSError(
             f"no training clips of {', '.join(missing)}: name the words to spot with "
             f"--keywords (the data's other words include: {', '.join(other) or 'none'})")
+    _warn_thin_data(cfg, train_ds, val_ds)
     overlap = train_ds.speakers() & val_ds.speakers()
     if overlap:
         # Only possible when two --data folders share speakers; flag it rather than
@@ -187,6 +188,26 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
     }
     return Split(xtr, train_ds.targets(), train_ds), Split(xva, val_ds.targets(), val_ds), \
         noise, summary
+
+
+def _warn_thin_data(cfg: TrainConfig, train_ds, val_ds) -> None:
+    """What a user's own data set may lack without the run failing: each makes the
+    validation score, or a class, mean less than it seems."""
+    if SILENCE in cfg.labels and not any(it.label == SILENCE for it in train_ds.items):
+        log.warning("no %s clips in --data: that class is never learned, and quiet rooms may "
+                    "be heard as words (add DIR/%s/ with 1-s recordings of the room)",
+                    SILENCE, SILENCE)
+    unnamed = [it for it in train_ds.items + val_ds.items
+               if it.label != SILENCE and "_nohash_" not in it.path.name]
+    if unnamed:
+        log.warning("%d of %d clips have no speaker in their file name (<speaker>_nohash_<n>.wav, "
+                    "e.g. %s): each is taken as a speaker of its own, so validation may hear "
+                    "people training did", len(unnamed), len(train_ds) + len(val_ds),
+                    unnamed[0].path)
+    unseen = missing_keywords(val_ds)
+    if unseen:
+        log.warning("no validation clips of %s: its recall cannot be measured (more speakers, "
+                    "or a larger --val-fraction)", ", ".join(unseen))
 
 
 def feature_stats(x: np.ndarray, logmel: LogMel) -> tuple[np.ndarray, np.ndarray]:
