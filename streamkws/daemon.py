@@ -31,14 +31,14 @@ import torch
 from streamkws import SAMPLE_RATE
 from streamkws.audio.base import AudioSource
 from streamkws.audio.chunk import Chunk
-from streamkws.audio.mic import MicSource, load_portaudio, refresh_devices
+from streamkws.audio.mic import MicSource, load_portaudio, refresh_devices, resolve_device
 from streamkws.audio.ring import RingBuffer
 from streamkws.audio.sources import open_source
 from streamkws.audio.supervisor import RETRYING, SourceSupervisor
 from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import AudioConfig, Config, ModelConfig, load_default
 from streamkws.detect import Detection, Smoother
-from streamkws.errors import ConfigError, StreamKWSError
+from streamkws.errors import AudioError, ConfigError, StreamKWSError
 from streamkws.frontend import FrontEnd, GatedWindow
 from streamkws.stdio import silence_stdout
 
@@ -260,6 +260,14 @@ def check(cfg: Config, overrides: Overrides) -> str:
     bundle = load_model(cfg, overrides)
     Pipeline(cfg, bundle)  # a front end the model cannot be fed with is refused here
     source = open_audio(cfg, overrides)
+    where = ""
+    if isinstance(source, MicSource):
+        # Which device it names, looked up without opening it (the running daemon may hold
+        # it); one not there now is no error, as run waits for it, but worth saying.
+        try:
+            where = f" ({resolve_device(source.spec).describe()})"
+        except AudioError as exc:
+            where = f" (not there now: {exc}; run would wait for it)"
     curve = ""
     if cfg.publish.curve_secret_key:
         public, secret, _ = load_curve_keys(cfg.publish)
@@ -277,7 +285,7 @@ def check(cfg: Config, overrides: Overrides) -> str:
             ctx.term()
         curve = " with CURVE"
     return (f"model {bundle.name} ({bundle.sha256[:12]}), "
-            f"{cfg.detect.describe(bundle.threshold)}; source {source.name}; publishing on "
+            f"{cfg.detect.describe(bundle.threshold)}; source {source.name}{where}; publishing on "
             f"{cfg.publish.endpoint}{curve}")
 
 

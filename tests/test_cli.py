@@ -294,6 +294,25 @@ def test_run_check_says_what_would_run_without_listening(tmp_path, capsys, monke
     assert err.startswith("streamkws run: error: config key 'publish.curve_secret_key': ")
 
 
+@pytest.mark.pulse
+def test_run_check_names_the_microphone_it_would_open_or_says_it_is_not_there(
+        pulse_server, capsys, monkeypatch):
+    """Looked up, never opened: the running daemon may hold it."""
+    from streamkws.audio.mic import MicSource
+
+    def untouchable(*_a, **_k):
+        raise AssertionError("--check must not open the device")
+
+    monkeypatch.setattr(MicSource, "start", untouchable)
+    assert main(["run", "--check", "--source", "mic:pulse"]) == 0
+    out = capsys.readouterr().out
+    assert "; source mic:pulse ([" in out and "] pulse (ALSA, " in out
+    assert main(["run", "--check", "--source", "mic:no-such-card"]) == 0
+    out = capsys.readouterr().out
+    assert ("; source mic:no-such-card (not there now: no audio input device matches "
+            "'no-such-card'") in out and "; run would wait for it); publishing on" in out
+
+
 def test_run_check_refuses_what_start_up_would(tmp_path, capsys):
     cfg = tmp_path / "streamkws.toml"
     cfg.write_text('[model]\nname = "missing.skw"\n')
