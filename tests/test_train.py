@@ -175,6 +175,26 @@ def test_a_time_shift_outside_the_clip_is_refused_by_name(capsys, tmp_path, shif
     assert len(err) == 1 and "--shift-ms must be within 0..500" in err[0]
 
 
+def test_predict_on_a_long_recording_takes_its_loudest_word_not_the_gap_between_words(
+        tiny_bundle, speech_dir, tmp_path, caplog):
+    from streamkws.audio.wav import load_audio
+    from streamkws.tools.predict import centre_on_speech
+    from tests.conftest import write_wav
+
+    yes = load_audio(sorted((speech_dir / "yes").glob("*.wav"))[0])
+    no = load_audio(sorted((speech_dir / "no").glob("*.wav"))[0])
+    rec = np.zeros(12 * 16000, np.float32)
+    # A word at 1-2 s and a louder one at 9-10 s.
+    rec[16000:32000] = yes / max(1e-3, float(np.abs(yes).max())) * 0.6
+    rec[9 * 16000 : 10 * 16000] = no / max(1e-3, float(np.abs(no).max())) * 0.8
+    _, start = centre_on_speech(rec)
+    assert 8 * 16000 <= start <= 9.5 * 16000  # the centre of both was ~7.6 s
+    path = write_wav(tmp_path / "rec.wav", rec)
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(path), "--model", str(tiny_bundle.path), "--json"]) == 0
+    assert "rec.wav: 12.0 s long; predict labels the one second around its loudest" in caplog.text
+
+
 def test_predict_centres_the_word_before_classifying(tiny_bundle, speech_dir, tmp_path,
                                                      capsys):
     from streamkws.audio.wav import load_audio

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def centre_on_speech(x: np.ndarray, n: int = CLIP_SAMPLES) -> tuple[np.ndarray, int]:
-    """A crop of ``n`` samples centred on the speech in ``x``, and the crop's start."""
+    """A crop of ``n`` samples centred on the speech in ``x``, and the crop's start. In a
+    recording longer than two crops, on the loudest speech: the centre of all of it would
+    fall between words."""
     vad = make_vad(VadConfig(kind="webrtc", aggressiveness=2, hangover_ms=0))
     fs = vad.frame_samples
     frames = len(x) // fs
@@ -36,6 +38,14 @@ def centre_on_speech(x: np.ndarray, n: int = CLIP_SAMPLES) -> tuple[np.ndarray, 
     weights = energy * speech if speech.any() else energy
     if weights.sum() <= 0:
         weights = np.ones(frames)
+    w = n // fs
+    if len(x) > 2 * n and frames > w:
+        sums = np.convolve(weights, np.ones(w), mode="valid")
+        first = int(sums.argmax())
+        if sums[first] > 0:
+            mask = np.zeros(frames)
+            mask[first : first + w] = 1.0
+            weights = weights * mask
     centre = int(((np.arange(frames) + 0.5) * fs * weights).sum() / weights.sum())
     start = centre - n // 2
     padded = np.pad(x, (n, n))
@@ -61,6 +71,10 @@ def predict_files(bundle: Bundle, paths: list[Path]) -> tuple[list[Prediction], 
                 # Padding would make it a confident _silence_: say there was nothing.
                 raise AudioError(f"{p}: holds no audio (0 samples)")
             crop, start = centre_on_speech(audio)
+            if len(audio) > 2 * CLIP_SAMPLES:
+                log.warning("%s: %.1f s long; predict labels the one second around its "
+                            "loudest speech (for recordings, stream-eval or run --source "
+                            "wav:%s)", p, len(audio) / 16000, p)
         except AudioError as exc:
             errors.append(str(exc))
             continue
