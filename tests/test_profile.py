@@ -199,3 +199,16 @@ def test_latency_is_timed_before_any_hook_or_warning_filter_touches_the_model(ti
     monkeypatch.setattr(profile, "count_macs", counted)
     profile.profile_bundle(tiny_bundle, runs=200, warmup=5)
     assert events[0] == ("time", baseline) and events[1][0] == "count"
+
+
+def test_compare_gives_no_accuracy_difference_between_models_of_other_labels(
+        tiny_bundle: Bundle) -> None:
+    """The default model scores a user's own keywords as _unknown_: its accuracy beside
+    theirs is on another task, and a difference would mean nothing."""
+    row = profile.profile_bundle(tiny_bundle, latency=False, name="mine")
+    row.update(accuracy=0.9, n_clips=10, data="d")
+    other = {**row, "model": "default", "labels": ["up", "down", "_unknown_", "_silence_"],
+             "accuracy": 0.5}
+    table = profile.format_compare([row, other]).splitlines()
+    assert table[2].rstrip(" |").endswith("+0.0000")
+    assert table[3].rstrip(" |").endswith("0.5000 | other labels")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -62,6 +63,8 @@ from streamkws.bundle import Bundle, load_bundle, tensors_in, weight_bytes
 from streamkws.config import BUNDLED_MODELS
 from streamkws.errors import StreamKWSError, no_folder
 from streamkws.models.quant import quiet_ao_deprecation
+
+log = logging.getLogger(__name__)
 
 MIN_RUNS = 200
 DEFAULT_RUNS = 500
@@ -357,7 +360,8 @@ ACCURACY_COLUMNS = ["accuracy", "Δ accuracy"]
 
 
 def format_compare(rows: list[dict]) -> str:
-    """One markdown table, a row per profile; Δ accuracy is against the first row."""
+    """One markdown table, a row per profile; Δ accuracy is against the first row, and only
+    for rows of the same labels (a model of other keywords is scored on another task)."""
     with_acc = all("accuracy" in r for r in rows)
     cols = COMPARE_COLUMNS + (ACCURACY_COLUMNS if with_acc else [])
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join(
@@ -371,7 +375,9 @@ def format_compare(rows: list[dict]) -> str:
             f"{lat['p50']:.3f}" if lat else "-", f"{lat['p99']:.3f}" if lat else "-",
         ]
         if with_acc:
-            cells += [f"{r['accuracy']:.4f}", f"{r['accuracy'] - base:+.4f}"]
+            same = r["labels"] == rows[0]["labels"]
+            cells += [f"{r['accuracy']:.4f}",
+                      f"{r['accuracy'] - base:+.4f}" if same else "other labels"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -413,6 +419,10 @@ def run(args: argparse.Namespace) -> int:
     for spec, bundle in bundles:
         rows.append(profile_bundle(bundle, args.data, args.runs, args.warmup, args.threads,
                                    name=display_name(spec)))
+    other = [r["model"] for r in rows[1:] if r["labels"] != rows[0]["labels"]]
+    if args.data and other:
+        log.warning("%s: labels other than %s's, so accuracy measures another task; no "
+                    "Δ accuracy for them", ", ".join(other), rows[0]["model"])
     if args.json:
         print(json.dumps({"models": rows} if args.compare else rows[0]))
     elif args.compare:
