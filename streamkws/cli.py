@@ -419,6 +419,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    help="how many clips to list (default 30)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit_data)
+    # `-v` is the top level's, but it is natural to append it (`streamkws run ... -v`, as in
+    # a unit's ExecStart=), where refusing it would leave a service failed for a log level.
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", dest="verbose_after", action="count",
+                             default=0, help="more logging (-v, -vv), as before the command")
     return p
 
 
@@ -433,7 +438,7 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     # The daemon's info lines are its lifecycle (start, device, reload, stop): what a
     # service's journal should hold. The offline tools speak only when something is wrong.
     base = logging.INFO if args.command == "run" else logging.WARNING
-    logs.configure(max(logging.DEBUG, base - 10 * args.verbose))
+    logs.configure(max(logging.DEBUG, base - 10 * (args.verbose + args.verbose_after)))
     func: Callable[[argparse.Namespace], int] = args.func
     previous = {}
     if args.command == "run" and threading.current_thread() is threading.main_thread():

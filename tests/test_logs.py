@@ -94,3 +94,21 @@ def test_under_the_journal_crashes_and_warnings_are_tagged_too(tmp_path):
     assert "<2>ZeroDivisionError: division by zero" in lines
     assert lines[-1] == "<2>RuntimeError: boom"
     assert all(line[:3] in ("<4>", "<2>") for line in lines)
+
+
+def test_verbose_counts_before_or_after_the_command(capsys, monkeypatch):
+    """`-v` appended to a unit's ExecStart= ... run line used to be refused (exit 2), which
+    RestartPreventExitStatus=2 turns into a service left failed."""
+    from streamkws import cli
+
+    levels = []
+    monkeypatch.setattr(cli.logs, "configure", levels.append)
+    for argv in (["run", "--check", "--source", "demo"],
+                 ["run", "--check", "--source", "demo", "-v"],
+                 ["-v", "run", "--check", "--source", "demo"],
+                 ["-v", "run", "--check", "--source", "demo", "-v"],
+                 ["devices", "--json", "-v"]):
+        assert cli.main(argv) == 0, argv
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG,
+                      logging.INFO]
+    capsys.readouterr()
