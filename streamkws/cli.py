@@ -436,8 +436,9 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     # The daemon's info lines are its lifecycle (start, device, reload, stop): what a
-    # service's journal should hold. The offline tools speak only when something is wrong.
-    base = logging.INFO if args.command == "run" else logging.WARNING
+    # service's journal should hold; listen's, its publisher's (stopped, back). The offline
+    # tools speak only when something is wrong.
+    base = logging.INFO if args.command in ("run", "listen") else logging.WARNING
     logs.configure(max(logging.DEBUG, base - 10 * (args.verbose + args.verbose_after)))
     func: Callable[[argparse.Namespace], int] = args.func
     previous = {}

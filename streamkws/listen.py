@@ -349,6 +349,9 @@ class _Link:
             since = self.lost_at if self.ever else self.started
             log.warning("%s: %s after %.0f s", self.connect,
                         "reconnected" if self.ever else "connected", now - since)
+        elif self.ever:  # after a clean stop: a new run, whose seq starts again
+            log.info("%s: a publisher is back after %.0f s (a new run: seq starts at 0 again)",
+                     self.connect, now - self.lost_at)
         else:
             log.debug("connected to %s", self.connect)
         self.ever = True

@@ -777,6 +777,32 @@ def test_listen_takes_a_publisher_that_ended_with_its_final_status_as_a_clean_en
     assert ('"final":true' in out.getvalue()) == (not topics)  # statuses printed if asked
 
 
+def test_listen_says_at_info_when_a_publisher_stopped_cleanly_and_when_a_new_run_is_back(
+        make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    """`systemctl restart`: no warning, but a subscriber still learns that the run it heard
+    ended and that a new one (its seq from 0) took over."""
+    caplog.set_level("INFO", logger="streamkws.listen")
+    pub = make_pub()
+    endpoint = pub.endpoint
+    thread, out, result = listening(pub, timeout=4)
+    pub.publish("status", {**a_status(), "final": True})
+    pub.close()
+    time.sleep(0.5)
+    again = make_pub(endpoint)
+    with Background(again):
+        end = time.monotonic() + 10
+        while "is back" not in caplog.text and time.monotonic() < end:
+            time.sleep(0.05)
+    thread.join(30)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "streamkws.listen"]
+    assert ("INFO", f"{endpoint}: the publisher stopped (its final status came)") in said
+    assert any(level == "INFO" and "a publisher is back after" in m
+               and "seq starts at 0 again" in m for level, m in said), said
+    assert not [m for level, m in said if level == "WARNING"]
+    assert result == [0]
+
+
 def test_listen_exits_1_when_the_publishers_run_ended_in_failure(
         make_pub: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
     pub = make_pub()
