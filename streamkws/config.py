@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -119,6 +120,11 @@ class DetectConfig:
     here would suit one model and not another."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Per-keyword thresholds, e.g. ``{ yes = 0.8, go = 0.9 }``."""
+    calibrated_for: str = ""
+    """The sha256 (its first 12 or more hex digits) of the model these thresholds were
+    calibrated for; ``stream-eval --write-config`` sets it. When the model loaded is
+    another (a bundle retrained or replaced under the same name), the daemon warns: the
+    thresholds no longer mean what they did. Empty: not checked."""
     average_windows: int = 3
     """Posteriors are averaged over the last this-many windows."""
     min_windows: int = 2
@@ -154,6 +160,10 @@ class DetectConfig:
         for k, v in self.thresholds.items():
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{prefix}.thresholds.{k}", f"must be within (0, 1] (got {v})")
+        if self.calibrated_for and not re.fullmatch(r"[0-9a-f]{12,64}", self.calibrated_for):
+            raise ConfigError(f"{prefix}.calibrated_for",
+                              "must be a model's sha256, 12 to 64 lower-case hex digits "
+                              f"(got {self.calibrated_for!r})")
         if not 1 <= self.average_windows <= 50:
             raise ConfigError(f"{prefix}.average_windows",
                               f"must be within 1..50 (got {self.average_windows})")

@@ -233,7 +233,16 @@ def load_model(cfg: Config, overrides: Overrides) -> Bundle:
     """The bundle ``model.name`` names, an error about it naming the key when a config
     file gave it (start-up, reload and ``run --check`` alike)."""
     with _naming("model.name", overrides.model is None and cfg.model.name != ModelConfig.name):
-        return load_bundle(cfg.model.name)
+        bundle = load_bundle(cfg.model.name)
+    meant = cfg.detect.calibrated_for
+    if meant and not bundle.sha256.startswith(meant):
+        # Not an error: swapping models on purpose is allowed, but thresholds tuned for
+        # another network's posteriors may miss every word or fire on every other one.
+        log.warning("the thresholds were calibrated for model %s (detect.calibrated_for), "
+                    "but %s is %s (%s): calibrate them for it (stream-eval "
+                    "--target-fa-per-hour)", meant, cfg.model.name, bundle.name,
+                    bundle.sha256[:12])
+    return bundle
 
 
 def open_audio(cfg: Config, overrides: Overrides) -> AudioSource:

@@ -313,6 +313,24 @@ def test_run_check_names_the_microphone_it_would_open_or_says_it_is_not_there(
             "'no-such-card'") in out and "; run would wait for it); publishing on" in out
 
 
+def test_thresholds_calibrated_for_another_model_are_warned_about(tmp_path, capsys, caplog):
+    """A bundle retrained or replaced under the same path kept its old thresholds, silently."""
+    from streamkws.bundle import load_bundle
+
+    sha = load_bundle("default").sha256
+    cfg = tmp_path / "mine.toml"
+    for meant, warned in ((sha[:12], False), (sha, False), ("0" * 12, True)):
+        cfg.write_text(f'[audio]\nsource = "demo"\n[detect]\ncalibrated_for = "{meant}"\n')
+        caplog.clear()
+        assert main(["run", "--config", str(cfg), "--check"]) == 0
+        said = ("the thresholds were calibrated for model 000000000000 "
+                f"(detect.calibrated_for), but default is default ({sha[:12]})")
+        assert (said in caplog.text) == warned, caplog.text
+    cfg.write_text('[detect]\ncalibrated_for = "default"\n')
+    assert main(["run", "--config", str(cfg), "--check"]) == 2
+    assert "config key 'detect.calibrated_for': must be a model's sha256" in capsys.readouterr().err
+
+
 def test_run_check_refuses_what_start_up_would(tmp_path, capsys):
     cfg = tmp_path / "streamkws.toml"
     cfg.write_text('[model]\nname = "missing.skw"\n')

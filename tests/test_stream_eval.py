@@ -190,6 +190,7 @@ def test_calibration_writes_thresholds_that_meet_the_budget_on_the_negative_reco
     cal = report["calibration"]
     cfg = load(tuned)  # the daemon's own loader accepts the file
     assert cfg.detect.thresholds == cal["thresholds"]
+    assert cfg.detect.calibrated_for == report["model_sha256"][:12]  # for which model
     assert set(cal["thresholds"]) == set(report["per_keyword"])
     assert all(0.5 <= t <= 1.0 for t in cal["thresholds"].values())
     assert cal["met"] and cal["overall"]["fa_per_hour"] <= 20

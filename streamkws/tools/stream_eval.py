@@ -499,9 +499,6 @@ def run(args: argparse.Namespace) -> int:
             raise StreamKWSError("--snr needs --noise DIR: without a noise bed there is "
                                  "nothing to set the speech against")
         snr = 20.0 if args.snr is None else args.snr
-        if args.noise is None:
-            log.warning("no --noise: the words sit in digital silence, which no microphone "
-                        "hears, so recall and false alarms will read better than on a device")
         if not SNR_RANGE[0] <= snr <= SNR_RANGE[1]:  # NaN fails this too
             raise StreamKWSError(f"--snr must be within {SNR_RANGE[0]:g}..{SNR_RANGE[1]:g} dB "
                                  f"of speech over the noise bed (got {snr:g})")
@@ -521,8 +518,6 @@ def run(args: argparse.Namespace) -> int:
                      else model.labels if model is not None else None)
         keywords = None if label_set is None else [lb for lb in label_set
                                                    if lb not in (SILENCE, UNKNOWN)]
-        if label_set is None:
-            _warn_word_folders(args.data, labels_for(None))
         split = HELDOUT_SPLIT
         if model is not None and args.speakers == "heldout":
             split = (model.validation_fraction or HELDOUT_SPLIT[0],
@@ -535,6 +530,12 @@ def run(args: argparse.Namespace) -> int:
             for written in (out, labels):
                 if written.resolve().is_relative_to(d.resolve()):
                     raise StreamKWSError(f"{written}: would write into the --data folder {d}")
+        # Warnings after every refusal: a refused run says one line.
+        if label_set is None:
+            _warn_word_folders(args.data, labels_for(None))
+        if args.noise is None:
+            log.warning("no --noise: the words sit in digital silence, which no microphone "
+                        "hears, so recall and false alarms will read better than on a device")
         info = build(args.audio, args.data, args.noise, args.per_keyword, args.unknown,
                      snr if args.noise else None, _gap(args.gap), args.seed, args.speakers,
                      args.negative, args.min_contrast_db, keywords, labels_out=labels,
@@ -624,7 +625,8 @@ def run(args: argparse.Namespace) -> int:
             if bundle.path is not None and Path(model.name).is_file():
                 model = dataclasses.replace(model, name=str(Path(model.name).resolve()))
             tuned = cfg.replace(model=model, detect=dataclasses.replace(
-                written_detect, thresholds=cal["thresholds"]))
+                written_detect, thresholds=cal["thresholds"],
+                calibrated_for=bundle.sha256[:12]))
             args.write_config.write_text(dumps(tuned, header=(
                 f"streamkws daemon config written by `streamkws stream-eval "
                 f"--target-fa-per-hour {args.target_fa_per_hour:g}`\n"
