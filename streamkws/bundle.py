@@ -103,7 +103,11 @@ class Bundle:
 
     @property
     def validation_fraction(self) -> float | None:
-        """The share of speakers held out for its validation (None: not trained here)."""
+        """The share of speakers held out for its validation (None: not trained here).
+        Bundles from before it was stored as a number have it only as a whole percent."""
+        exact = self.meta.get("training", {}).get("val_fraction")
+        if isinstance(exact, int | float):
+            return float(exact)
         split = self.meta.get("training", {}).get("split", "")
         m = re.search(r"(\d+(?:\.\d+)?)% of speakers held out", split)
         return float(m.group(1)) / 100 if m else None

@@ -142,6 +142,16 @@ class DetectConfig:
         chosen = DEFAULT_THRESHOLD if calibrated is None else float(calibrated)
         return dataclasses.replace(self, threshold=chosen)
 
+    def calibration_mismatch(self, model: str, name: str, sha256: str) -> str | None:
+        """Why these thresholds may not suit the model that ``model`` (as configured)
+        loads, ``name`` with ``sha256``; None when they were calibrated for it, or nobody
+        said for which."""
+        if not self.calibrated_for or sha256.startswith(self.calibrated_for):
+            return None
+        return (f"the thresholds were calibrated for model {self.calibrated_for} "
+                f"(detect.calibrated_for), but {model} is {name} ({sha256[:12]}): calibrate "
+                "them for it (stream-eval --target-fa-per-hour)")
+
     def describe(self, calibrated: float | None) -> str:
         """The threshold in force with a model whose calibrated one is ``calibrated``, and
         where it comes from, for the log an operator reads."""

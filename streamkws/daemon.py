@@ -234,14 +234,10 @@ def load_model(cfg: Config, overrides: Overrides) -> Bundle:
     file gave it (start-up, reload and ``run --check`` alike)."""
     with _naming("model.name", overrides.model is None and cfg.model.name != ModelConfig.name):
         bundle = load_bundle(cfg.model.name)
-    meant = cfg.detect.calibrated_for
-    if meant and not bundle.sha256.startswith(meant):
-        # Not an error: swapping models on purpose is allowed, but thresholds tuned for
-        # another network's posteriors may miss every word or fire on every other one.
-        log.warning("the thresholds were calibrated for model %s (detect.calibrated_for), "
-                    "but %s is %s (%s): calibrate them for it (stream-eval "
-                    "--target-fa-per-hour)", meant, cfg.model.name, bundle.name,
-                    bundle.sha256[:12])
+    # Not an error: swapping models on purpose is allowed, but thresholds tuned for another
+    # network's posteriors may miss every word or fire on every other one.
+    if why := cfg.detect.calibration_mismatch(cfg.model.name, bundle.name, bundle.sha256):
+        log.warning("%s", why)
     return bundle
 
 
@@ -271,12 +267,14 @@ def check(cfg: Config, overrides: Overrides) -> str:
     source = open_audio(cfg, overrides)
     where = ""
     if isinstance(source, MicSource):
-        # Which device it names, looked up without opening it (the running daemon may hold
-        # it); one not there now is no error, as run waits for it, but worth saying.
+        # Which device it names, looked up in PortAudio's list rather than opened (the
+        # running daemon may hold it; ALSA may then leave a held hw: device out of the
+        # list). One not listed is no error, as run waits for it, but worth saying.
         try:
             where = f" ({resolve_device(source.spec).describe()})"
         except AudioError as exc:
-            where = f" (not there now: {exc}; run would wait for it)"
+            where = (f" (not listed by PortAudio now: {exc}; unplugged, or held by another "
+                     "program; run would wait for it)")
     curve = ""
     if cfg.publish.curve_secret_key:
         public, secret, _ = load_curve_keys(cfg.publish)

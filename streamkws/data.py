@@ -144,7 +144,9 @@ def missing_keywords(ds: Dataset) -> list[str]:
     return [lb for lb in ds.labels if lb not in (UNKNOWN, SILENCE) and not counts.get(lb)]
 
 
-def _word_to_label(word: str, labels: Sequence[str]) -> str | None:
+def word_to_label(word: str, labels: Sequence[str]) -> str | None:
+    """The label a folder or word named ``word`` trains: itself (in any case) when it is one
+    of ``labels``, else ``_unknown_`` (None when there is no such label)."""
     if word in labels:
         return word
     # A folder "YES/" holds the keyword "yes": names typed by people vary in case.
@@ -170,8 +172,8 @@ def _load_folders(root: Path, labels: Sequence[str]) -> Dataset:
                 word = before_speaker.rsplit("_", 1)[0]
             # An "other word" that is one of this label set's keywords is that keyword
             # (custom keywords: Speech Commands files "marvin" under _unknown_).
-            spoken = _word_to_label(word, labels)
-            label = spoken if spoken not in (UNKNOWN, None) else _word_to_label(folder.name,
+            spoken = word_to_label(word, labels)
+            label = spoken if spoken not in (UNKNOWN, None) else word_to_label(folder.name,
                                                                                  labels)
             if label is None:
                 continue
@@ -193,7 +195,7 @@ def _load_download(
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if folder.name in NOISE_DIR_NAMES or folder.name.startswith((".", "_")):
             continue
-        label = _word_to_label(folder.name, labels)
+        label = word_to_label(folder.name, labels)
         if label is None:
             continue
         for path in sorted(folder.glob("*.wav")):

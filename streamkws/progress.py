@@ -21,4 +21,6 @@ def tqdm(*args: Any, **kwargs: Any) -> Any:
     stream = kwargs.get("file") or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        # tqdm's monitor thread redraws a bar idle for maxinterval (10 s) regardless.
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
     return _tqdm(*args, **kwargs)

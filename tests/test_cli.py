@@ -309,8 +309,8 @@ def test_run_check_names_the_microphone_it_would_open_or_says_it_is_not_there(
     assert "; source mic:pulse ([" in out and "] pulse (ALSA, " in out
     assert main(["run", "--check", "--source", "mic:no-such-card"]) == 0
     out = capsys.readouterr().out
-    assert ("; source mic:no-such-card (not there now: no audio input device matches "
-            "'no-such-card'") in out and "; run would wait for it); publishing on" in out
+    assert ("; source mic:no-such-card (not listed by PortAudio now: no audio input device "
+            "matches 'no-such-card'") in out and "; run would wait for it); publishing on" in out
 
 
 def test_thresholds_calibrated_for_another_model_are_warned_about(tmp_path, capsys, caplog):

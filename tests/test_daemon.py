@@ -69,10 +69,13 @@ def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
     sub.start()
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path),
            "WATCHDOG_USEC": str(watchdog_usec), "PYTHONUNBUFFERED": "1"}
+    # SIGHUP as systemd leaves it, even when the tests run under nohup (which ignores it,
+    # and the child would inherit that, making the start-up SIGHUP test test nothing).
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
          "--wait-subscribers", "1", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     return proc, sub, notify
 
 

@@ -186,6 +186,7 @@ def test_calibration_writes_thresholds_that_meet_the_budget_on_the_negative_reco
     # A few minutes cannot measure 20 per hour: "met" only says none were heard, and it
     # is said.
     assert "where one false alarm is already" in r.stderr
+    assert "; 9 min or more of it (three false alarms' worth) measures it" in r.stderr
     report = json.loads(r.stdout)
     cal = report["calibration"]
     cfg = load(tuned)  # the daemon's own loader accepts the file
@@ -427,10 +428,12 @@ def test_build_without_a_model_names_the_word_folders_it_places_as_other_words(d
     for p in sorted((clips / "_unknown_").glob("marvin_*.wav"))[:3]:
         (mine / "marvin" / p.name).symlink_to(p)
     (mine / "yes").symlink_to(clips / "yes")
+    (mine / "NO").symlink_to(clips / "no")  # the keyword "no", as the loader reads it
     r = streamkws("stream-eval", str(tmp_path / "neg.wav"), "--build", "--negative",
                   "--data", str(mine), "--unknown", "3", "--json")
     assert r.returncode == 0, r.stderr
-    assert "marvin: not keywords here" in r.stderr and "give --model or --keywords" in r.stderr
+    assert "WARNING streamkws.tools.stream_eval: marvin: not keywords here" in r.stderr
+    assert "give --model or --keywords" in r.stderr
     assert "no --noise: the words sit in digital silence" in r.stderr
     r = streamkws("stream-eval", str(tmp_path / "kw.wav"), "--build", "--data", str(mine),
                   "--keywords", "marvin", "--per-keyword", "1", "--unknown", "1", "--json")
@@ -463,3 +466,19 @@ def test_negative_says_it_ignores_the_label_file_beside_the_recording(recording)
     r = streamkws("stream-eval", str(recording), "--negative", "--json")
     assert r.returncode == 0, r.stderr
     assert "lists 30 keyword utterance(s), but --negative counts every detection" in r.stderr
+
+
+def test_negative_runs_beside_a_csv_that_is_no_label_file_and_warns_of_stale_thresholds(
+        recording, tmp_path):
+    """--negative needs no label file: another program's CSV of the same name is none of
+    its business. And the thresholds of a config calibrated for another model are said to
+    be, as the daemon says it."""
+    neg = tmp_path / "neg.wav"
+    neg.symlink_to(recording)
+    neg.with_suffix(".csv").write_text("time,speaker\n1.0,alice\n")
+    cfg = tmp_path / "other.toml"
+    cfg.write_text('[detect]\ncalibrated_for = "000000000000"\n')
+    r = streamkws("stream-eval", str(neg), "--negative", "--config", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "lists" not in r.stderr
+    assert "the thresholds were calibrated for model 000000000000" in r.stderr

@@ -204,3 +204,14 @@ def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"python -m streamkws.tools.synth: error: --out {rec}: is a file, not a folder\n"
     assert rec.read_bytes() == b"RIFF"
+
+
+def test_an_out_under_a_file_is_one_error_line_too(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    if not synth.discover_voices():
+        pytest.skip("no synthesiser: the voices are looked for first")
+    assert synth.main(["--out", str(afile / "sub"), "--words", "yes", "--per-word", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m streamkws.tools.synth: error: ") and err.count("\n") == 1
+    assert str(afile) in err

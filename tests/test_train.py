@@ -536,8 +536,12 @@ def test_what_a_users_own_data_lacks_is_said_before_training(speech_dir, tmp_pat
     for p in sorted((speech_dir / "up").glob("*.wav"))[:2]:  # two speakers, both trained on
         (root / "up").mkdir(exist_ok=True)
         (root / "up" / p.name).symlink_to(p)
-    cfg = TrainConfig(data=[root], out=tmp_path / "m.skw", progress=False, val_fraction=0.3,
-                      split_seed=2, labels=("yes", "no", "up", "_unknown_", "_silence_"))
+    extra = tmp_path / "extra" / "yes"  # training-only: its names need no speaker
+    extra.mkdir(parents=True)
+    (extra / "synthetic.wav").symlink_to(sorted((speech_dir / "yes").glob("*.wav"))[21])
+    cfg = TrainConfig(data=[root], extra=[extra.parent], out=tmp_path / "m.skw",
+                      progress=False, val_fraction=0.3, split_seed=2,
+                      labels=("yes", "no", "up", "_unknown_", "_silence_"))
     with caplog.at_level("WARNING"):
         prepare_data(cfg)
     said = caplog.text
@@ -553,3 +557,15 @@ def test_a_complete_data_set_trains_without_those_warnings(small_data, caplog):
         prepare_data(cfg)
     assert "_silence_ clips" not in caplog.text and "no speaker" not in caplog.text
     assert "no validation clips" not in caplog.text
+
+
+def test_a_bundle_keeps_its_exact_share_of_held_out_speakers(tiny_bundle):
+    """Read back from the summary's whole percent, 0.175 became 0.18, and a held-out
+    recording then included speakers the model trained on."""
+    assert tiny_bundle.meta["training"]["val_fraction"] == 0.3
+    b = load_bundle(tiny_bundle.path)
+    b.meta["training"] = {**b.meta["training"], "val_fraction": 0.175,
+                          "split": "by speaker, 18% of speakers held out (split seed 0)"}
+    assert b.validation_fraction == 0.175
+    del b.meta["training"]["val_fraction"]  # a bundle from before: the text is all it has
+    assert b.validation_fraction == 0.18

@@ -375,7 +375,7 @@ def format_compare(rows: list[dict]) -> str:
             f"{lat['p50']:.3f}" if lat else "-", f"{lat['p99']:.3f}" if lat else "-",
         ]
         if with_acc:
-            same = r["labels"] == rows[0]["labels"]
+            same = set(r["labels"]) == set(rows[0]["labels"])
             cells += [f"{r['accuracy']:.4f}",
                       f"{r['accuracy'] - base:+.4f}" if same else "other labels"]
         out.append("| " + " | ".join(cells) + " |")
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     for spec, bundle in bundles:
         rows.append(profile_bundle(bundle, args.data, args.runs, args.warmup, args.threads,
                                    name=display_name(spec)))
-    other = [r["model"] for r in rows[1:] if r["labels"] != rows[0]["labels"]]
+    other = [r["model"] for r in rows[1:] if set(r["labels"]) != set(rows[0]["labels"])]
     if args.data and other:
         log.warning("%s: labels other than %s's, so accuracy measures another task; no "
                     "Δ accuracy for them", ", ".join(other), rows[0]["model"])

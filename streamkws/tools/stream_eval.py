@@ -462,15 +462,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which clips, in which order and spacing (default 0)")
 
 
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
 def _warn_word_folders(data: Sequence[Path], labels: Sequence[str]) -> None:
     """Say so when ``data`` holds word folders that are not among ``labels``: built without
     --model or --keywords, they become other words, which for a user's own keywords is the
     opposite of what they are."""
-    from streamkws.data import SILENCE, UNKNOWN
+    from streamkws.data import NOISE_DIR_NAMES, UNKNOWN, word_to_label
 
+    # As the loader reads folders: YES/ is "yes", dot folders and noise are skipped.
     extra = sorted({p.name for d in data for p in d.iterdir()
-                    if p.is_dir() and not p.name.startswith("_") and p.name not in labels
-                    and p.name not in (SILENCE, UNKNOWN)})
+                    if p.is_dir() and not p.name.startswith((".", "_"))
+                    and p.name not in NOISE_DIR_NAMES and word_to_label(p.name, labels) == UNKNOWN})
     if extra:
         log.warning("%s: not keywords here (neither --model nor --keywords was given, so the "
                     "keywords are the ten Speech Commands words); placed as other words. "
@@ -571,6 +576,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(cfg.model.threads)
     bundle = load_bundle(cfg.model.name)
+    if why := cfg.detect.calibration_mismatch(cfg.model.name, bundle.name, bundle.sha256):
+        log.warning("%s", why)  # as the daemon would say
     written_detect = cfg.detect  # what a written config keeps (an unset threshold unset)
     # Calibration and the report start from the threshold the daemon would use.
     cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
@@ -613,11 +620,12 @@ def run(args: argparse.Namespace) -> int:
                         THRESHOLDS[-1])
         elif cal["hours"] * args.target_fa_per_hour < 1.0:
             # One false alarm already breaks the budget: "met" means "none were heard".
-            log.warning("%s holds %.2f h of other audio, where one false alarm is already "
+            log.warning("%s holds %s of other audio, where one false alarm is already "
                         "%.0f per hour: a budget of %g per hour is met only by none at all, "
-                        "which says little; a recording of %.0f h or more measures it",
-                        args.audio, cal["hours"], 1 / max(cal["hours"], 1e-9),
-                        args.target_fa_per_hour, 3 / args.target_fa_per_hour)
+                        "which says little; %s or more of it (three false alarms' worth) "
+                        "measures it", args.audio, _duration(cal["hours"]),
+                        1 / max(cal["hours"], 1e-9), args.target_fa_per_hour,
+                        _duration(3 / args.target_fa_per_hour))
         if args.write_config:
             # A model given as a path is written absolute: --model was relative to the
             # working directory, but a config file's paths are read from its own folder.
@@ -646,7 +654,11 @@ def _truth(args: argparse.Namespace) -> list[Utterance]:
     _check_recording(args.audio)
     labels = args.labels or args.audio.with_suffix(".csv")
     if args.negative and args.labels is None:
-        if labels.is_file() and (listed := read_labels(labels)):
+        try:
+            listed = read_labels(labels) if labels.is_file() else []
+        except (StreamKWSError, OSError, UnicodeDecodeError, ValueError):
+            listed = []  # not a label file of ours: nothing --negative would be ignoring
+        if listed:
             log.warning("%s lists %d keyword utterance(s), but --negative counts every "
                         "detection on %s as a false alarm (leave out --negative to score "
                         "against it)", labels, len(listed), args.audio)

@@ -594,6 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line and status 2, as every other command's user error.
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # the file system said no (a file in the path, no permission)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{ap.prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -148,6 +148,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
                                    cfg.split_seed)
             train_parts.append(tr)
             val_parts.append(va)
+    # Clips of --data only: --extra's never enter validation, whatever their names.
+    own = [it for part in train_parts + val_parts for it in part.items]
     for root in cfg.extra:
         train_parts.append(load_dataset(root, cfg.labels))
     train_ds = sum(train_parts[1:], train_parts[0])
@@ -160,7 +162,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         raise StreamKWSError(
             f"no training clips of {', '.join(missing)}: name the words to spot with "
             f"--keywords (the data's other words include: {', '.join(other) or 'none'})")
-    _warn_thin_data(cfg, train_ds, val_ds)
+    _warn_thin_data(cfg, train_ds, val_ds, own)
     overlap = train_ds.speakers() & val_ds.speakers()
     if overlap:
         # Only possible when two --data folders share speakers; flag it rather than
@@ -181,6 +183,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         "sources": [str(p) for p in cfg.data],
         "training_only_sources": [str(p) for p in cfg.extra],
         "noise_recordings": len(noise),
+        # The text is for people; the number is what tools that rebuild the split read.
+        "val_fraction": cfg.val_fraction,
         "split": f"by speaker, {cfg.val_fraction:.0%} of speakers held out "
                  f"(split seed {cfg.split_seed})",
         "speaker_overlap": len(overlap),
@@ -190,19 +194,19 @@ def prepare_data(cfg: TrainConfig) -> tuple[Split, Split, list[np.ndarray], dict
         noise, summary
 
 
-def _warn_thin_data(cfg: TrainConfig, train_ds, val_ds) -> None:
+def _warn_thin_data(cfg: TrainConfig, train_ds, val_ds, own: list) -> None:
     """What a user's own data set may lack without the run failing: each makes the
     validation score, or a class, mean less than it seems."""
     if SILENCE in cfg.labels and not any(it.label == SILENCE for it in train_ds.items):
         log.warning("no %s clips in --data: that class is never learned, and quiet rooms may "
                     "be heard as words (add DIR/%s/ with 1-s recordings of the room)",
                     SILENCE, SILENCE)
-    unnamed = [it for it in train_ds.items + val_ds.items
-               if it.label != SILENCE and "_nohash_" not in it.path.name]
+    spoken = [it for it in own if it.label != SILENCE]
+    unnamed = [it for it in spoken if "_nohash_" not in it.path.name]
     if unnamed:
         log.warning("%d of %d clips have no speaker in their file name (<speaker>_nohash_<n>.wav, "
                     "e.g. %s): each is taken as a speaker of its own, so validation may hear "
-                    "people training did", len(unnamed), len(train_ds) + len(val_ds),
+                    "people training did", len(unnamed), len(spoken),
                     unnamed[0].path)
     unseen = missing_keywords(val_ds)
     if unseen:
