@@ -1,0 +1,163 @@
+"""Keyword spotting inside your own program, without the daemon.
+
+::
+
+    from streamkws.spotter import Spotter
+
+    spotter = Spotter()                    # the bundled default model and settings
+    for block in blocks:                   # mono audio: int16, or float in [-1, 1]
+        for hit in spotter.feed(block):
+            print(hit.keyword, hit.score, hit.t_start, hit.t_end)
+
+It is the daemon's own pipeline (front end, VAD gate, model, smoother) with no threads,
+sockets or devices, so the same audio gives the same detections as ``streamkws run``
+publishes (a test replays a recording both ways). ``feed`` runs the model in the calling
+thread, only for windows the VAD lets through, so silence costs little; blocks of any
+length work, and the answer does not depend on how the audio is cut into them. Times are
+seconds of audio since the first sample fed (or since :meth:`Spotter.reset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamkws import SAMPLE_RATE
+from streamkws.audio.chunk import Chunk
+from streamkws.config import Config, load
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One detection: the fields of the daemon's ``detection`` message that describe it."""
+
+    keyword: str
+    score: float
+    """The smoothed posterior that crossed the threshold."""
+    t_start: float
+    """Seconds of audio where the spoken word starts (the voiced part the VAD heard)."""
+    t_end: float
+    """Where it ends."""
+    t_emit: float
+    """Where the decision was made: the end of the window that decided it."""
+
+
+class Spotter:
+    """Feed audio, get :class:`Hit` s.
+
+    ``model``: a bundle path or a bundled name (``default``, ``default-float``,
+    ``accurate``); default, the config's ``model.name``. ``config``: a daemon config (a
+    TOML path or a :class:`~streamkws.config.Config`) whose ``[frontend]``, ``[vad]``,
+    ``[windows]``, ``[detect]`` and ``model.name`` apply (the rest is the daemon's own);
+    default, the built-in one. ``sample_rate``: the rate of the audio fed; other than
+    16 kHz it is resampled as the daemon resamples a microphone. torch's thread count is
+    left as the program has it (the daemon sets ``model.threads``), and no window is
+    skipped: the caller sets the pace.
+    """
+
+    def __init__(self, model: str | None = None, config: str | Path | Config | None = None,
+                 sample_rate: int = SAMPLE_RATE) -> None:
+        from streamkws.bundle import load_bundle
+        from streamkws.errors import StreamKWSError
+
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) \
+                or not 1000 <= sample_rate <= 384_000:
+            raise StreamKWSError(f"sample_rate must be a whole number of Hz within "
+                                 f"1000..384000 (got {sample_rate!r})")
+        cfg = config if isinstance(config, Config) else \
+            load(config) if config is not None else Config()
+        cfg = cfg.validate()
+        if model is not None:
+            cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=str(model)))
+        self.config = cfg
+        self.bundle = load_bundle(cfg.model.name)
+        if why := cfg.detect.calibration_mismatch(cfg.model.name, self.bundle.name,
+                                                  self.bundle.sha256):
+            log.warning("%s", why)
+        self.sample_rate = sample_rate
+        self.reset()
+
+    @property
+    def keywords(self) -> list[str]:
+        """The labels that can be reported (the model's, less ``detect.ignore``)."""
+        return [lb for lb in self.bundle.labels if lb not in self.config.detect.ignore]
+
+    @property
+    def threshold(self) -> float:
+        """The threshold in force for keywords without their own (``detect.thresholds``)."""
+        return float(self._pipeline.cfg.detect.threshold)
+
+    def reset(self) -> None:
+        """Start a new stream: times from 0 again, nothing of the old audio remembered."""
+        from streamkws.audio.wav import StreamResampler
+        from streamkws.daemon import Pipeline
+
+        self._pipeline = Pipeline(self.config, self.bundle)
+        self._resampler = (StreamResampler(self.sample_rate)
+                           if self.sample_rate != SAMPLE_RATE else None)
+        self._position = 0
+        self._warned_nan = False
+
+    def feed(self, audio: np.ndarray) -> list[Hit]:
+        """Take the next block of the stream and return the detections it completes.
+
+        ``audio``: int16 samples, or float32/float64 in [-1, 1]; one channel, or an array
+        of shape (frames, channels), whose channels are averaged.
+        """
+        x = self._as_float(audio)
+        if self._resampler is not None:
+            x = np.clip(self._resampler.process(x), -1.0, 1.0)
+        return self._push(x)
+
+    def flush(self) -> list[Hit]:
+        """At the end of the stream: decide what is still held (the audio of the last
+        window or two). Feed nothing more afterwards but :meth:`reset` first."""
+        hits = []
+        if self._resampler is not None:
+            tail = self._resampler.process(np.zeros(0, np.float32), last=True)
+            hits += self._push(np.clip(tail, -1.0, 1.0))
+        return hits + [self._hit(d) for d in self._pipeline.flush()]
+
+    def _push(self, x: np.ndarray) -> list[Hit]:
+        if len(x) == 0:
+            return []
+        chunk = Chunk(x, self._position)
+        self._position += len(x)
+        return [self._hit(d) for d in self._pipeline.process(chunk)]
+
+    @staticmethod
+    def _hit(d) -> Hit:
+        return Hit(d.keyword, float(d.score), d.start / SAMPLE_RATE, d.end / SAMPLE_RATE,
+                   d.emit / SAMPLE_RATE)
+
+    def _as_float(self, audio: np.ndarray) -> np.ndarray:
+        from streamkws.errors import StreamKWSError
+
+        a = np.asarray(audio)
+        if a.ndim not in (1, 2) or (a.ndim == 2 and a.shape[1] == 0):
+            raise StreamKWSError(f"audio must be one channel, or (frames, channels); got "
+                                 f"shape {a.shape}")
+        if a.dtype == np.int16:
+            x = a.astype(np.float32) / 32768.0
+        elif a.dtype.kind == "f":
+            x = a.astype(np.float32)
+        else:
+            raise StreamKWSError(f"audio must be int16, or float in [-1, 1]; got {a.dtype} "
+                                 "(scale other integers to float yourself: their full "
+                                 "scale is theirs to know)")
+        if x.ndim == 2:
+            x = x.mean(axis=1, dtype=np.float32)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            # As the daemon does with such a file: silence, said once.
+            if not self._warned_nan:
+                log.warning("NaN or infinite samples replaced by silence")
+                self._warned_nan = True
+            x = np.where(bad, 0.0, x).astype(np.float32)
+        return np.clip(x, -1.0, 1.0)

@@ -1,0 +1,110 @@
+"""``streamkws.spotter``: the daemon's pipeline inside a program, fed block by block."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from streamkws.audio.sources import DEMO_WAV
+from streamkws.audio.wav import load_audio
+from streamkws.errors import ConfigError, StreamKWSError
+from streamkws.spotter import Hit, Spotter
+
+
+@pytest.fixture(scope="module")
+def demo() -> np.ndarray:
+    """The bundled demo recording (real speech, ten keywords), as the WAV holds it."""
+    x = load_audio(DEMO_WAV)
+    return np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16)
+
+
+def feed_in_pieces(spotter: Spotter, audio: np.ndarray, seed: int = 0) -> list[Hit]:
+    rng = np.random.default_rng(seed)
+    hits, i = [], 0
+    while i < len(audio):
+        n = int(rng.integers(1, 5000))
+        hits += spotter.feed(audio[i : i + n])
+        i += n
+    return hits + spotter.flush()
+
+
+def as_published(hits: list[Hit]) -> list[tuple]:
+    return [(h.keyword, round(h.score, 4), round(h.t_start, 3), round(h.t_end, 3),
+             round(h.t_emit, 3)) for h in hits]
+
+
+def test_the_spotter_reports_what_the_daemon_publishes_however_the_audio_is_cut(demo):
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--source", "demo",
+                        "--fast"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    published = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(published) >= 5
+    daemon = [(m["keyword"], m["score"], m["t_start"], m["t_end"], m["t_emit"])
+              for m in published]
+    spotter = Spotter()
+    assert as_published(feed_in_pieces(spotter, demo, seed=1)) == daemon
+    spotter.reset()  # a new stream: times from 0 again, the same answer
+    assert as_published(feed_in_pieces(spotter, demo, seed=2)) == daemon
+
+
+def test_float_int16_and_stereo_blocks_are_heard_alike(demo):
+    ints = as_published(feed_in_pieces(Spotter(), demo))
+    floats = demo.astype(np.float32) / 32768.0
+    assert as_published(feed_in_pieces(Spotter(), floats)) == ints
+    stereo = np.stack([floats, floats], axis=1)
+    assert as_published(feed_in_pieces(Spotter(), stereo)) == ints
+
+
+def test_audio_at_another_rate_is_resampled_as_a_microphones_is(demo):
+    import soxr
+
+    ints = feed_in_pieces(Spotter(), demo)
+    at_48k = soxr.resample(demo.astype(np.float32) / 32768.0, 16000, 48000)
+    hits = feed_in_pieces(Spotter(sample_rate=48000), at_48k)
+    assert [h.keyword for h in hits] == [h.keyword for h in ints]
+    assert all(abs(a.t_start - b.t_start) <= 0.05 and abs(a.t_emit - b.t_emit) <= 0.05
+               for a, b in zip(hits, ints, strict=True))
+
+
+def test_a_config_sets_model_and_thresholds_and_a_bad_one_names_its_key(demo, tmp_path):
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[detect]\nthreshold = 0.97\n[audio]\nsource = \"wav:nowhere.wav\"\n")
+    spotter = Spotter(config=strict)  # [audio] is the daemon's: never opened here
+    assert spotter.threshold == 0.97
+    hits = feed_in_pieces(spotter, demo)
+    assert hits and all(h.score >= 0.97 for h in hits)
+    assert len(hits) < len(feed_in_pieces(Spotter(), demo))
+    assert Spotter(model="default-float").bundle.name == "default-float"
+    assert "_silence_" not in spotter.keywords and "yes" in spotter.keywords
+    strict.write_text("[detect]\nthreshhold = 0.97\n")
+    with pytest.raises(ConfigError, match="detect.threshhold"):
+        Spotter(config=strict)
+
+
+@pytest.mark.parametrize(("audio", "message"), [
+    (np.zeros(100, np.int32), "must be int16, or float in \\[-1, 1\\]; got int32"),
+    (np.zeros((2, 2, 2), np.float32), "one channel, or \\(frames, channels\\)"),
+    (np.zeros((10, 0), np.float32), "one channel, or \\(frames, channels\\)"),
+])
+def test_audio_of_a_kind_it_cannot_read_is_refused_saying_what_it_takes(audio, message):
+    with pytest.raises(StreamKWSError, match=message):
+        Spotter().feed(audio)
+
+
+@pytest.mark.parametrize("rate", [0, 16000.0, True, 10**6])
+def test_a_sample_rate_that_is_no_rate_is_refused(rate):
+    with pytest.raises(StreamKWSError, match="sample_rate must be a whole number of Hz"):
+        Spotter(sample_rate=rate)
+
+
+def test_non_finite_samples_are_silence_said_once(caplog):
+    spotter = Spotter()
+    block = np.full(1600, np.nan, np.float32)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert spotter.feed(block) == []
+    assert caplog.text.count("NaN or infinite samples replaced by silence") == 1
