@@ -144,8 +144,18 @@ class Pipeline:
         return out
 
     def flush(self) -> list[Detection]:
-        """Decide the windows the front end still holds (end of stream, before a reload)."""
+        """Decide the windows the front end still holds (before a reload, which goes on
+        with the stream; at its end, :meth:`finish`)."""
         return self._decide(self.frontend.flush(), None)
+
+    def finish(self) -> list[Detection]:
+        """The end of the stream: decide its last windows as if silence followed, then all
+        that is held. A word in the last second is otherwise never decided: the windows
+        that would see it whole, and confirm it, need audio after it to be formed. The
+        silence is not counted as audio heard."""
+        pad = np.zeros(self.cfg.frontend.window_samples, np.float32)
+        out = self._decide(self.frontend.process(Chunk(pad, self._recent_end)), None)
+        return out + self.flush()
 
     def _decide(self, windows: list[GatedWindow], newest: int | None) -> list[Detection]:
         out = []
@@ -520,7 +530,7 @@ class Daemon:
                     self._publish_detection(det)
             elif (self.supervisor is None and self.source.finished.is_set()
                   and self.ring.available == 0):
-                for det in self.pipeline.flush():
+                for det in self.pipeline.finish():
                     self._publish_detection(det)
                 if self.source.error is not None:
                     self._source_failure = f"audio source stopped: {self.source.error}"

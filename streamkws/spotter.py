@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from streamkws.audio.chunk import Chunk
 from streamkws.config import Config, load
 
 log = logging.getLogger(__name__)
+
+MAX_CHANNELS = 32
+"""More columns than this is taken for audio laid out (channels, frames), as torchaudio and
+librosa lay it out, and refused rather than averaged into noise."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,11 @@ class Spotter:
         from streamkws.bundle import load_bundle
         from streamkws.errors import StreamKWSError
 
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) \
-                or not 1000 <= sample_rate <= 384_000:
+        try:
+            rate = operator.index(sample_rate)  # numpy integers too; 16000.0 is no count
+        except TypeError:
+            rate = None
+        if isinstance(sample_rate, bool) or rate is None or not 1000 <= rate <= 384_000:
             raise StreamKWSError(f"sample_rate must be a whole number of Hz within "
                                  f"1000..384000 (got {sample_rate!r})")
         cfg = config if isinstance(config, Config) else \
@@ -80,7 +88,7 @@ class Spotter:
         if why := cfg.detect.calibration_mismatch(cfg.model.name, self.bundle.name,
                                                   self.bundle.sha256):
             log.warning("%s", why)
-        self.sample_rate = sample_rate
+        self.sample_rate = rate
         self.reset()
 
     @property
@@ -102,7 +110,12 @@ class Spotter:
         self._resampler = (StreamResampler(self.sample_rate)
                            if self.sample_rate != SAMPLE_RATE else None)
         self._position = 0
-        self._warned_nan = False
+        self._warned_nan = self._warned_scale = False
+        self._ended = False
+        fe = self._pipeline.frontend
+        # The daemon's step: the VAD keeps only a few seconds of decisions, so a block of a
+        # minute fed whole would find the windows at its start judged without them.
+        self._step = fe.windower.hop_frames * fe.config.hop_length
 
     def feed(self, audio: np.ndarray) -> list[Hit]:
         """Take the next block of the stream and return the detections it completes.
@@ -110,26 +123,37 @@ class Spotter:
         ``audio``: int16 samples, or float32/float64 in [-1, 1]; one channel, or an array
         of shape (frames, channels), whose channels are averaged.
         """
+        from streamkws.errors import StreamKWSError
+
+        if self._ended:
+            raise StreamKWSError("the stream ended with flush(); reset() starts another")
         x = self._as_float(audio)
         if self._resampler is not None:
             x = np.clip(self._resampler.process(x), -1.0, 1.0)
         return self._push(x)
 
     def flush(self) -> list[Hit]:
-        """At the end of the stream: decide what is still held (the audio of the last
-        window or two). Feed nothing more afterwards but :meth:`reset` first."""
+        """The end of the stream: its last second is decided as if silence followed, as
+        the daemon does at the end of a file, so a word right at the end (or a lone 1-s
+        clip) is still heard. Calling it again returns nothing; :meth:`reset` starts a new
+        stream."""
+        if self._ended:
+            return []
+        self._ended = True
         hits = []
         if self._resampler is not None:
             tail = self._resampler.process(np.zeros(0, np.float32), last=True)
             hits += self._push(np.clip(tail, -1.0, 1.0))
-        return hits + [self._hit(d) for d in self._pipeline.flush()]
+        return hits + [self._hit(d) for d in self._pipeline.finish()]
 
     def _push(self, x: np.ndarray) -> list[Hit]:
-        if len(x) == 0:
-            return []
-        chunk = Chunk(x, self._position)
-        self._position += len(x)
-        return [self._hit(d) for d in self._pipeline.process(chunk)]
+        hits = []
+        for i in range(0, len(x), self._step):
+            piece = x[i : i + self._step]
+            chunk = Chunk(piece, self._position)
+            self._position += len(piece)
+            hits += [self._hit(d) for d in self._pipeline.process(chunk)]
+        return hits
 
     @staticmethod
     def _hit(d) -> Hit:
@@ -140,9 +164,10 @@ class Spotter:
         from streamkws.errors import StreamKWSError
 
         a = np.asarray(audio)
-        if a.ndim not in (1, 2) or (a.ndim == 2 and a.shape[1] == 0):
-            raise StreamKWSError(f"audio must be one channel, or (frames, channels); got "
-                                 f"shape {a.shape}")
+        if a.ndim not in (1, 2) or (a.ndim == 2 and not 1 <= a.shape[1] <= MAX_CHANNELS):
+            raise StreamKWSError(f"audio must be one channel, or (frames, channels) with at "
+                                 f"most {MAX_CHANNELS} channels; got shape {a.shape} (for "
+                                 "(channels, frames), pass its transpose)")
         if a.dtype == np.int16:
             x = a.astype(np.float32) / 32768.0
         elif a.dtype.kind == "f":
@@ -154,6 +179,12 @@ class Spotter:
         if x.ndim == 2:
             x = x.mean(axis=1, dtype=np.float32)
         bad = ~np.isfinite(x)
+        peak = float(np.abs(np.where(bad, 0.0, x)).max(initial=0.0))
+        if peak > 2 and not self._warned_scale:
+            # Floats holding int16 values: clipped to +-1 they are noise, and nothing fires.
+            log.warning("float samples up to %.0f: floats must be within [-1, 1] (int16 "
+                        "values as floats: divide by 32768, or pass the int16 array)", peak)
+            self._warned_scale = True
         if bad.any():
             # As the daemon does with such a file: silence, said once.
             if not self._warned_nan:

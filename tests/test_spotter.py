@@ -49,6 +49,50 @@ def test_the_spotter_reports_what_the_daemon_publishes_however_the_audio_is_cut(
     assert as_published(feed_in_pieces(spotter, demo, seed=1)) == daemon
     spotter.reset()  # a new stream: times from 0 again, the same answer
     assert as_published(feed_in_pieces(spotter, demo, seed=2)) == daemon
+    # Whole, and in 10-s blocks: the VAD keeps seconds, not minutes, of decisions, so a
+    # long block must be taken in the daemon's steps.
+    spotter.reset()
+    assert as_published(spotter.feed(demo) + spotter.flush()) == daemon
+    spotter.reset()
+    tens = [h for i in range(0, len(demo), 160000) for h in spotter.feed(demo[i : i + 160000])]
+    assert as_published(tens + spotter.flush()) == daemon
+
+
+def test_a_word_at_the_very_end_is_heard_by_the_spotter_and_the_daemon_alike(demo, tmp_path):
+    """The windows that confirm a word need audio after it; at the end of a stream both
+    decide the last second as if silence followed."""
+    from tests.conftest import write_wav
+
+    cut = demo[: int(24.30 * 16000)]  # "go" ends at 24.27 s
+    path = write_wav(tmp_path / "cut.wav", cut.astype(np.float32) / 32768.0)
+    r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--source", f"wav:{path}",
+                        "--fast"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    daemon = [json.loads(line)["keyword"] for line in r.stdout.splitlines()]
+    assert daemon[-1] == "go"
+    spotter = Spotter()
+    assert [h.keyword for h in spotter.feed(cut) + spotter.flush()] == daemon
+
+
+def test_a_lone_one_second_clip_is_heard_once_flushed(speech_dir):
+    clips = sorted((speech_dir / "yes").glob("*.wav"))[:5]
+    heard = 0
+    for clip in clips:
+        spotter = Spotter()
+        hits = spotter.feed(load_audio(clip)) + spotter.flush()
+        heard += [h.keyword for h in hits] == ["yes"]
+    assert heard >= 3
+
+
+def test_flush_ends_the_stream_and_reset_starts_another(demo):
+    for spotter in (Spotter(), Spotter(sample_rate=48000)):
+        spotter.feed(np.zeros(8000, np.int16))
+        spotter.flush()
+        assert spotter.flush() == []  # twice, as a finally: block may
+        with pytest.raises(StreamKWSError, match=r"ended with flush\(\); reset\(\) starts"):
+            spotter.feed(np.zeros(10, np.int16))
+        spotter.reset()
+        assert spotter.feed(np.zeros(10, np.int16)) == []
 
 
 def test_float_int16_and_stereo_blocks_are_heard_alike(demo):
@@ -89,10 +133,15 @@ def test_a_config_sets_model_and_thresholds_and_a_bad_one_names_its_key(demo, tm
     (np.zeros(100, np.int32), "must be int16, or float in \\[-1, 1\\]; got int32"),
     (np.zeros((2, 2, 2), np.float32), "one channel, or \\(frames, channels\\)"),
     (np.zeros((10, 0), np.float32), "one channel, or \\(frames, channels\\)"),
+    (np.zeros((2, 16000), np.float32), "for \\(channels, frames\\), pass its transpose"),
 ])
 def test_audio_of_a_kind_it_cannot_read_is_refused_saying_what_it_takes(audio, message):
     with pytest.raises(StreamKWSError, match=message):
         Spotter().feed(audio)
+
+
+def test_a_numpy_integer_is_a_sample_rate():
+    assert Spotter(sample_rate=np.int64(16000)).sample_rate == 16000
 
 
 @pytest.mark.parametrize("rate", [0, 16000.0, True, 10**6])
@@ -108,3 +157,9 @@ def test_non_finite_samples_are_silence_said_once(caplog):
         for _ in range(3):
             assert spotter.feed(block) == []
     assert caplog.text.count("NaN or infinite samples replaced by silence") == 1
+
+
+def test_floats_on_the_int16_scale_are_said_to_be_out_of_range(demo, caplog):
+    with caplog.at_level("WARNING"):
+        Spotter().feed(demo[:16000].astype(np.float32))
+    assert "floats must be within [-1, 1]" in caplog.text and "divide by 32768" in caplog.text

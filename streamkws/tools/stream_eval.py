@@ -138,7 +138,7 @@ def run_pipeline(cfg: Config, bundle: Bundle, audio: str | Path, progress: bool 
         timeline.push(chunk)
         detections += pipeline.process(chunk)
         bar.update(len(chunk.samples) / SAMPLE_RATE)
-    detections += pipeline.flush()
+    detections += pipeline.finish()
     cpu = time.process_time() - t0
     bar.close()
     return Run(bundle.labels, detections, pipeline.trace, timeline, pipeline.samples, cpu,
