@@ -44,13 +44,25 @@ class Hit:
 
     keyword: str
     score: float
-    """The smoothed posterior that crossed the threshold."""
+    """The highest smoothed posterior of the utterance when it was decided (at least the
+    threshold), as the daemon publishes it."""
     t_start: float
     """Seconds of audio where the spoken word starts (the voiced part the VAD heard)."""
     t_end: float
     """Where it ends."""
     t_emit: float
     """Where the decision was made: the end of the window that decided it."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window the model was asked about, or would have been."""
+
+    t_start: float
+    t_end: float
+    scores: dict[str, float] | None
+    """The model's posteriors for this window, before smoothing; None when the VAD kept
+    the window shut (no speech in it), so the model did not run."""
 
 
 class Spotter:
@@ -107,6 +119,10 @@ class Spotter:
         from streamkws.daemon import Pipeline
 
         self._pipeline = Pipeline(self.config, self.bundle)
+        self._pipeline.trace = []
+        self.windows: list[Window] = []
+        """The windows the last :meth:`feed` or :meth:`flush` decided, in order: for a
+        program with its own decision logic (openWakeWord's users score frames)."""
         self._resampler = (StreamResampler(self.sample_rate)
                            if self.sample_rate != SAMPLE_RATE else None)
         self._position = 0
@@ -130,7 +146,9 @@ class Spotter:
         x = self._as_float(audio)
         if self._resampler is not None:
             x = np.clip(self._resampler.process(x), -1.0, 1.0)
-        return self._push(x)
+        hits = self._push(x)
+        self._take_windows()
+        return hits
 
     def flush(self) -> list[Hit]:
         """The end of the stream: its last second is decided as if silence followed, as
@@ -138,13 +156,25 @@ class Spotter:
         clip) is still heard. Calling it again returns nothing; :meth:`reset` starts a new
         stream."""
         if self._ended:
+            self.windows = []
             return []
         self._ended = True
         hits = []
         if self._resampler is not None:
             tail = self._resampler.process(np.zeros(0, np.float32), last=True)
             hits += self._push(np.clip(tail, -1.0, 1.0))
-        return hits + [self._hit(d) for d in self._pipeline.finish()]
+        hits += [self._hit(d) for d in self._pipeline.finish()]
+        self._take_windows()
+        return hits
+
+    def _take_windows(self) -> None:
+        trace, labels = self._pipeline.trace, self.bundle.labels
+        assert trace is not None
+        self.windows = [Window(start / SAMPLE_RATE, end / SAMPLE_RATE,
+                               None if probs is None else
+                               {lb: float(p) for lb, p in zip(labels, probs, strict=True)})
+                        for start, end, probs in trace]
+        trace.clear()  # kept per call, so a stream of days holds no more than a block's
 
     def _push(self, x: np.ndarray) -> list[Hit]:
         hits = []

@@ -163,3 +163,31 @@ def test_floats_on_the_int16_scale_are_said_to_be_out_of_range(demo, caplog):
     with caplog.at_level("WARNING"):
         Spotter().feed(demo[:16000].astype(np.float32))
     assert "floats must be within [-1, 1]" in caplog.text and "divide by 32768" in caplog.text
+
+
+def test_every_window_is_offered_with_its_scores_for_a_programs_own_logic(demo):
+    """openWakeWord's users score frames themselves: each feed leaves the windows it
+    decided, one hop apart, with the model's posteriors, or None where the VAD heard no
+    speech and the model did not run."""
+    spotter = Spotter()
+    windows, hits = [], []
+    for i in range(0, len(demo), 8000):
+        hits += spotter.feed(demo[i : i + 8000])
+        windows += spotter.windows
+    hits += spotter.flush()
+    windows += spotter.windows
+    starts = np.array([w.t_start for w in windows])
+    assert starts[0] == 0.0 and np.allclose(np.diff(starts), 0.1)
+    assert all(w.t_end - w.t_start == pytest.approx(1.0, abs=0.02) for w in windows)
+    scored = [w for w in windows if w.scores is not None]
+    assert 0 < len(scored) < len(windows)  # silence costs no inference
+    assert all(sum(w.scores.values()) == pytest.approx(1.0, abs=1e-3) for w in scored)
+    assert set(scored[0].scores) == set(spotter.bundle.labels)
+    n = spotter.config.detect.average_windows
+    for hit in hits:  # the windows that decided it average above the threshold (the score
+        # is the best such average of the utterance so far)
+        end = next(i for i, w in enumerate(windows) if w.t_end == pytest.approx(hit.t_emit))
+        last = windows[end - n + 1 : end + 1]
+        assert all(w.scores is not None for w in last)
+        mean = float(np.mean([w.scores[hit.keyword] for w in last]))
+        assert spotter.threshold <= mean <= hit.score + 1e-6
