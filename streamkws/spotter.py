@@ -38,6 +38,18 @@ MAX_CHANNELS = 32
 librosa lay it out, and refused rather than averaged into noise."""
 
 
+def _as_argument(exc: Exception) -> Exception:
+    """A bad threshold given as an argument, named as the argument, not as a config key."""
+    from streamkws.errors import StreamKWSError
+
+    key, reason = getattr(exc, "key", ""), getattr(exc, "reason", str(exc))
+    if key == "detect.threshold":
+        return StreamKWSError(f"threshold: {reason}")
+    if key.startswith("detect.thresholds."):
+        return StreamKWSError(f"thresholds[{key.removeprefix('detect.thresholds.')!r}]: {reason}")
+    return exc
+
+
 @dataclass(frozen=True)
 class Hit:
     """One detection: the fields of the daemon's ``detection`` message that describe it."""
@@ -73,15 +85,18 @@ class Spotter:
     TOML path or a :class:`~streamkws.config.Config`) whose ``[frontend]``, ``[vad]``,
     ``[windows]``, ``[detect]`` and ``model.name`` apply (the rest is the daemon's own);
     default, the built-in one. ``sample_rate``: the rate of the audio fed; other than
-    16 kHz it is resampled as the daemon resamples a microphone. torch's thread count is
-    left as the program has it (the daemon sets ``model.threads``), and no window is
-    skipped: the caller sets the pace.
+    16 kHz it is resampled as the daemon resamples a microphone. ``threshold`` and
+    ``thresholds`` (per keyword, e.g. ``{"yes": 0.8}``) replace the config's
+    ``detect.threshold`` and ``detect.thresholds``. torch's thread count is left as the
+    program has it (the daemon sets ``model.threads``), and no window is skipped: the
+    caller sets the pace.
     """
 
     def __init__(self, model: str | None = None, config: str | Path | Config | None = None,
-                 sample_rate: int = SAMPLE_RATE) -> None:
+                 sample_rate: int = SAMPLE_RATE, threshold: float | None = None,
+                 thresholds: dict[str, float] | None = None) -> None:
         from streamkws.bundle import load_bundle
-        from streamkws.errors import StreamKWSError
+        from streamkws.errors import ConfigError, StreamKWSError
 
         try:
             rate = operator.index(sample_rate)  # numpy integers too; 16000.0 is no count
@@ -95,13 +110,26 @@ class Spotter:
         cfg = cfg.validate()
         if model is not None:
             cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=str(model)))
+        if threshold is not None or thresholds is not None:
+            detect = dataclasses.replace(
+                cfg.detect,
+                threshold=cfg.detect.threshold if threshold is None else float(threshold),
+                thresholds=cfg.detect.thresholds if thresholds is None else
+                {str(k): float(v) for k, v in thresholds.items()})
+            try:
+                cfg = cfg.replace(detect=detect)
+            except ConfigError as exc:
+                raise _as_argument(exc) from None
         self.config = cfg
         self.bundle = load_bundle(cfg.model.name)
         if why := cfg.detect.calibration_mismatch(cfg.model.name, self.bundle.name,
                                                   self.bundle.sha256):
             log.warning("%s", why)
         self.sample_rate = rate
-        self.reset()
+        try:
+            self.reset()  # the model's labels check the per-keyword thresholds
+        except ConfigError as exc:
+            raise (_as_argument(exc) if thresholds is not None else exc) from None
 
     @property
     def keywords(self) -> list[str]:

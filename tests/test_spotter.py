@@ -191,3 +191,19 @@ def test_every_window_is_offered_with_its_scores_for_a_programs_own_logic(demo):
         assert all(w.scores is not None for w in last)
         mean = float(np.mean([w.scores[hit.keyword] for w in last]))
         assert spotter.threshold <= mean <= hit.score + 1e-6
+
+
+def test_thresholds_given_as_arguments_replace_the_configs_and_are_named_as_given(demo):
+    strict = Spotter(threshold=0.97)
+    assert strict.threshold == 0.97
+    assert all(h.score >= 0.97 for h in feed_in_pieces(strict, demo))
+    mine = Spotter(thresholds={"yes": 0.999})  # yes alone made strict
+    heard = [h.keyword for h in feed_in_pieces(mine, demo)]
+    assert "yes" not in heard and "no" in heard
+    for kwargs, message in ((dict(threshold=1.5), "threshold: must be within (0, 1]"),
+                            (dict(thresholds={"yes": 0}), "thresholds['yes']: must be within"),
+                            (dict(thresholds={"marvin": 0.5}),
+                             "thresholds['marvin']: the model has no keyword 'marvin'")):
+        with pytest.raises(StreamKWSError) as caught:
+            Spotter(**kwargs)
+        assert str(caught.value).startswith(message)
