@@ -96,10 +96,19 @@ class Pipeline:
                                 int(cfg.vad.history_ms * SAMPLE_RATE / 1000))
 
     def process(self, chunk: Chunk, newest: int | None = None) -> list[Detection]:
-        """Feed a chunk; ``newest`` is the stream position captured so far (for dropping)."""
+        """Feed a chunk of any length; ``newest`` is the stream position captured so far
+        (for dropping)."""
         self.samples += len(chunk.samples)
         self._remember(chunk)
-        return self._decide(self.frontend.process(chunk), newest)
+        # A window hop at a time, as the daemon reads: the VAD keeps only a few seconds of
+        # decisions, so windows at the start of a minute-long chunk would be judged
+        # without theirs.
+        step = self.frontend.windower.hop_frames * self.cfg.frontend.hop_length
+        out = []
+        for i in range(0, max(len(chunk.samples), 1), step):
+            piece = Chunk(chunk.samples[i : i + step], chunk.start + i)
+            out += self._decide(self.frontend.process(piece), newest)
+        return out
 
     def _remember(self, chunk: Chunk) -> None:
         if chunk.start != self._recent_end:  # a gap: what came before is not continuous

@@ -156,10 +156,6 @@ class Spotter:
         self._position = 0
         self._warned_nan = self._warned_scale = False
         self._ended = False
-        fe = self._pipeline.frontend
-        # The daemon's step: the VAD keeps only a few seconds of decisions, so a block of a
-        # minute fed whole would find the windows at its start judged without them.
-        self._step = fe.windower.hop_frames * fe.config.hop_length
 
     def feed(self, audio: np.ndarray) -> list[Hit]:
         """Take the next block of the stream and return the detections it completes.
@@ -205,13 +201,9 @@ class Spotter:
         trace.clear()  # kept per call, so a stream of days holds no more than a block's
 
     def _push(self, x: np.ndarray) -> list[Hit]:
-        hits = []
-        for i in range(0, len(x), self._step):
-            piece = x[i : i + self._step]
-            chunk = Chunk(piece, self._position)
-            self._position += len(piece)
-            hits += [self._hit(d) for d in self._pipeline.process(chunk)]
-        return hits
+        chunk = Chunk(x, self._position)
+        self._position += len(x)
+        return [self._hit(d) for d in self._pipeline.process(chunk)]
 
     @staticmethod
     def _hit(d) -> Hit:
