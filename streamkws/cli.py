@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from streamkws import __version__, logs
-from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, StreamKWSError, no_folder
+from streamkws.errors import (
+    EXIT_USER_ERROR,
+    ArgumentParser,
+    StreamKWSError,
+    no_folder,
+    os_error_message,
+)
 
 log = logging.getLogger("streamkws")
 
@@ -463,10 +469,7 @@ def main(argv: Sequence[str] | None = None, *, leave_at_once: bool = False) -> i
     except BrokenPipeError:  # e.g. `streamkws listen | head`
         rc = 0
     except OSError as exc:  # after BrokenPipeError, one of them
-        # The file system said no (a full disk, a read-only folder): a user's problem to
-        # fix, so one line naming the file, not a traceback.
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(logs.error_line(f"streamkws {args.command}: error: {exc.strerror or exc}{where}"),
+        print(logs.error_line(f"streamkws {args.command}: error: {os_error_message(exc)}"),
               file=sys.stderr)
         rc = EXIT_USER_ERROR
     finally:

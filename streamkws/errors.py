@@ -87,6 +87,13 @@ class AudioError(StreamKWSError):
     """Audio that cannot be read or a device that cannot be opened."""
 
 
+def os_error_message(exc: OSError) -> str:
+    """What the file system said, naming the file: a full disk, a read-only folder, a file
+    where a folder should be are the user's to fix, so one line, not a traceback."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def exit_status(prog: str, func: Callable[[_A], int], arg: _A) -> int:
     """``func(arg)``'s exit status, with a :class:`StreamKWSError` reported as one line
     ``<prog>: error: <message>`` on stderr and :data:`EXIT_USER_ERROR` (or the error's own

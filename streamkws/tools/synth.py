@@ -46,7 +46,7 @@ import numpy as np
 
 from streamkws import SAMPLE_RATE
 from streamkws.audio.wav import load_audio
-from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, AudioError
+from streamkws.errors import EXIT_USER_ERROR, ArgumentParser, AudioError, os_error_message
 
 log = logging.getLogger(__name__)
 
@@ -594,9 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line and status 2, as every other command's user error.
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as exc:  # the file system said no (a file in the path, no permission)
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{ap.prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except OSError as exc:  # a file in the path, no permission
+        print(f"{ap.prog}: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.json:
         print(json.dumps(summary, indent=1))
