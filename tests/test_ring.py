@@ -128,3 +128,25 @@ def test_read_waits_for_data_up_to_the_timeout():
     threading.Timer(0.02, lambda: ring.write(Chunk(np.ones(10, np.float32), 0))).start()
     c = ring.read(timeout=1.0)
     assert c is not None and len(c.samples) == 10
+
+
+def test_a_wake_before_the_read_is_not_lost():
+    """A stop request wakes the consumer between its look at the stop flag and its read;
+    the read must return at once, not wait out its timeout (a SIGTERM stop has 2 s)."""
+    ring = RingBuffer(100)
+    ring.wake()
+    t = time.perf_counter()
+    assert ring.read(timeout=2.0) is None
+    assert time.perf_counter() - t < 0.5
+    # Once returned for, the wake is spent: the next read waits for data again.
+    t = time.perf_counter()
+    assert ring.read(timeout=0.05) is None
+    assert time.perf_counter() - t >= 0.04
+
+
+def test_a_wake_during_a_read_ends_it():
+    ring = RingBuffer(100)
+    threading.Timer(0.05, ring.wake).start()
+    t = time.perf_counter()
+    assert ring.read(timeout=2.0, min_samples=50) is None
+    assert time.perf_counter() - t < 1.0

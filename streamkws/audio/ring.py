@@ -32,6 +32,7 @@ class RingBuffer:
         # (ring position, samples missing there), appended by the producer only.
         self._gaps: collections.deque[tuple[int, int]] = collections.deque()
         self._data = threading.Event()
+        self._woken = False  # a wake() the consumer has not yet returned for
         self._space = threading.Event()
         self._closed = False
         # Consumer-owned: how much audio makes waking the consumer worthwhile. A live
@@ -138,13 +139,19 @@ class RingBuffer:
         if chunk is None and timeout > 0 and not self._closed:
             self._data.clear()
             chunk = self._take_ready(max_samples)
-            if chunk is None:
+            # Checked after the clear: a wake() that came between the caller's last look
+            # at its own flags and the clear would otherwise be erased by it, and a stop
+            # request would wait out the whole timeout.
+            if chunk is None and not self._woken:
                 self._data.wait(timeout)
                 chunk = self._take_ready(max_samples)
+        self._woken = False
         return chunk
 
     def wake(self) -> None:
-        """Wake a consumer waiting in :meth:`read` (it returns at once, maybe with None)."""
+        """Make the consumer's current or next :meth:`read` return at once (maybe with None),
+        so that it looks at whatever it was woken for."""
+        self._woken = True  # before the set: read() checks it after its clear
         self._data.set()
 
     def _take_ready(self, max_samples: int | None) -> Chunk | None:
