@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from streamkws.config import AudioConfig, Config, ModelConfig, load_default
 from streamkws.detect import Detection, Smoother
 from streamkws.errors import AudioError, ConfigError, StreamKWSError
 from streamkws.frontend import FrontEnd, GatedWindow
+from streamkws.signals import SignalRelay
 from streamkws.stdio import silence_stdout
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class Daemon:
         self._reload = threading.Event()
         # Before the slow part (loading the model): systemd may send SIGHUP or SIGTERM as
         # soon as the process exists, and their default actions would kill it outright.
-        self._previous_handlers = self._install_signals()
+        self._signals = self._install_signals()
         if stop_requested is not None and stop_requested.is_set():  # before we listened
             self._stop.set()
         try:
@@ -403,22 +404,18 @@ class Daemon:
         if ring is not None:
             ring.wake()
 
-    def _install_signals(self) -> dict[int, Any]:
-        """Route SIGTERM/SIGINT to a stop and SIGHUP to a reload; returns the handlers
-        they replace (none off the main thread, where Python cannot install any)."""
+    def _install_signals(self) -> SignalRelay | None:
+        """Route SIGTERM/SIGINT to a stop and SIGHUP to a reload (none off the main thread,
+        where Python cannot install handlers)."""
         if threading.current_thread() is not threading.main_thread():
-            return {}
-        actions = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
-                   signal.SIGHUP: self.request_reload}
-        return {sig: signal.signal(sig, lambda *_, act=act: act())
-                for sig, act in actions.items()}
+            return None
+        return SignalRelay({signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                            signal.SIGHUP: self.request_reload})
 
     def _restore_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python allows it only there; a daemon run on a thread keeps them
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
+        if self._signals is not None:  # the old handlers apply again
+            self._signals.close()
+            self._signals = None
 
     def reload(self) -> bool:
         """Re-read the config and model; on any error keep running the old ones."""

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -451,6 +452,30 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
     assert last["error"] == "RuntimeError: model exploded"
     assert daemon.source.finished.is_set() and daemon.publisher.closed
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # handed back
+
+
+def test_a_stop_signal_landing_inside_the_rings_wait_cannot_hang_the_daemon(tmp_path):
+    """The loop spends its idle time in the ring's Event.wait, holding that event's lock;
+    a handler that set the event there itself would wait for ever on its own lock."""
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    cfg = apply_overrides(load_default(None), Overrides(
+        source="demo", publish=f"ipc://{tmp_path}/pub.sock"))
+    daemon = Daemon(cfg, echo=None)
+    handler = signal.getsignal(signal.SIGTERM)
+    returned = threading.Event()
+
+    def main_thread_inside_the_rings_wait():
+        with daemon.ring._data._cond:
+            handler(signal.SIGTERM, None)
+        returned.set()
+
+    # A thread stands in for the main thread, so a hang fails the test, not the run.
+    threading.Thread(target=main_thread_inside_the_rings_wait, daemon=True).start()
+    assert returned.wait(2), "the SIGTERM handler waited for a lock its own thread holds"
+    assert daemon._stop.wait(2)
+    assert daemon.run() == 0  # a stop before serving: the final status, handlers restored
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "inf"])
