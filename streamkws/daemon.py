@@ -461,6 +461,9 @@ class Daemon:
             # A source that broke (a file cut short, a pipe that failed) ends the run as a
             # failure too: subscribers must not read its last status as a clean end.
             error = error or self._source_failure
+            # Also what a fast replay's reader waits on when the ring is full: after a
+            # failure in processing nobody else would tell it to give up.
+            self._stop.set()
             self.notifier.stopping()
             if self.supervisor is not None:
                 self.supervisor.stop()

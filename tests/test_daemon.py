@@ -437,6 +437,7 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
     def failing_predict(self, features):
         calls.append(1)
         if len(calls) == 20:
+            time.sleep(0.5)  # meanwhile the fast replay fills the ring and waits for room
             raise RuntimeError("model exploded")
         return real_predict(self, features)
 
@@ -451,6 +452,8 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
     assert last["type"] == "status" and last["final"] is True
     assert last["error"] == "RuntimeError: model exploded"
     assert daemon.source.finished.is_set() and daemon.publisher.closed
+    # The replay's reader, waiting for room in the full ring, was told to give up too.
+    assert not daemon.source._thread.is_alive()
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # handed back
 
 
