@@ -127,15 +127,17 @@ class Pipeline:
         front end rebuilds its features and VAD state from the latest audio, so its first
         window is the one ``old`` would have formed next.
         """
+        same = ("frontend", "vad", "windows")
+        same = all(getattr(self.cfg, k) == getattr(old.cfg, k) for k in same)
+        # Before anything moves over: deciding them adds to old's counters and smoother.
+        out = [] if same else old.flush()
         self.inferences, self.dropped_windows = old.inferences, old.dropped_windows
         self.samples, self.latency = old.samples, old.latency
         self._recent, self._recent_end = old._recent, old._recent_end
         self.smoother.carry_over(old.smoother)
-        same = ("frontend", "vad", "windows")
-        if all(getattr(self.cfg, k) == getattr(old.cfg, k) for k in same):
+        if same:
             self.frontend = old.frontend
             return []
-        out = old.flush()
         fe, recent, end = self.frontend, old._recent, old._recent_end
         begin = end - len(recent)
         start = old.frontend.next_window_start
