@@ -41,7 +41,7 @@ from streamkws.detect import Detection, Smoother
 from streamkws.errors import AudioError, ConfigError, StreamKWSError
 from streamkws.frontend import FrontEnd, GatedWindow
 from streamkws.signals import SignalRelay
-from streamkws.stdio import silence_stdout
+from streamkws.stdio import LineEcho
 
 log = logging.getLogger(__name__)
 
@@ -359,18 +359,19 @@ class Daemon:
         from streamkws.publish import Publisher
         from streamkws.sdnotify import Notifier
 
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # a stop was requested
+        self._sink_stop = threading.Event()  # the source must give up a blocked write
         self._reload = threading.Event()
         # Before the slow part (loading the model): systemd may send SIGHUP or SIGTERM as
         # soon as the process exists, and their default actions would kill it outright.
         self._signals = self._install_signals()
         if stop_requested is not None and stop_requested.is_set():  # before we listened
-            self._stop.set()
+            self.request_stop()
         try:
             self.cfg = cfg
             self.config_path = config_path
             self.overrides = overrides or Overrides()
-            self.echo = echo
+            self.echo = None if echo is None else LineEcho(echo, on_closed=self.request_stop)
             self.wait_subscribers = wait_subscribers
             self.wait_timeout = wait_timeout
             torch.set_num_threads(cfg.model.threads)
@@ -389,12 +390,15 @@ class Daemon:
                                                                        False)
         except BaseException:
             self._restore_signals()  # no daemon to stop: the old handlers apply again
+            if getattr(self, "echo", None) is not None:
+                self.echo.close()
             raise
 
     # -- control ---------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._sink_stop.set()
         self._wake()
 
     def request_reload(self) -> None:
@@ -463,15 +467,17 @@ class Daemon:
             # A source that broke (a file cut short, a pipe that failed) ends the run as a
             # failure too: subscribers must not read its last status as a clean end.
             error = error or self._source_failure
-            # Also what a fast replay's reader waits on when the ring is full: after a
-            # failure in processing nobody else would tell it to give up.
-            self._stop.set()
+            # What a fast replay's reader waits on when the ring is full: after a failure
+            # in processing no stop request would tell it to give up.
+            self._sink_stop.set()
             self.notifier.stopping()
             if self.supervisor is not None:
                 self.supervisor.stop()
             self.source.stop()
             self._publish_status(final=True, error=error)
             self.publisher.close()
+            if self.echo is not None:  # while a stop request still reaches us
+                self.echo.close(stop=self._stop)
             self._restore_signals()
             if error is None:  # a failure has said so already, with its traceback
                 log.info("stopped; %s", self._status_line())
@@ -490,7 +496,7 @@ class Daemon:
         sink_block = self.source.blocks_on_full_ring
 
         def sink(chunk: Chunk) -> None:
-            self.ring.write(chunk, block=sink_block, stop=self._stop)
+            self.ring.write(chunk, block=sink_block, stop=self._sink_stop)
 
         if self.wait_subscribers and not self.publisher.wait_for_subscribers(
                 self.wait_subscribers, self.wait_timeout, stop=self._stop):
@@ -576,16 +582,8 @@ class Daemon:
         self.publisher.publish("detection", msg)
         self.detections += 1
         if self.echo is not None:
-            try:
-                self.echo.write(json.dumps(msg) + "\n")
-                self.echo.flush()
-            except BrokenPipeError:
-                # Whoever read our stdout left (`streamkws run | head -1`): stop as the
-                # producer of a pipeline does, but cleanly, with the final status sent.
-                log.info("standard output was closed; stopping")
-                silence_stdout(self.echo)
-                self.echo = None
-                self.request_stop()
+            # A fast replay may wait for a slow reader, as it waits for the model.
+            self.echo.put(json.dumps(msg) + "\n", wait=not self.live, stop=self._stop)
 
     def counters(self) -> dict:
         p = self.pipeline

@@ -267,6 +267,45 @@ def test_a_reader_that_leaves_stops_the_daemon_cleanly(tmp_path):
     assert len(detections) == 2 and last["audio_seconds"] < 20
 
 
+
+def test_a_reader_that_stops_reading_stalls_neither_detection_nor_the_stop(tmp_path):
+    """`streamkws run | consumer` with the consumer suspended: once its pipe is full, a
+    blocking write there would stop detection, statuses and the watchdog alike."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    for size in (65536, 1):  # fill the pipe to the last byte
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"x" * size)
+    os.set_blocking(w, True)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=60)
+    sub.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamkws", "run", "--source", "demo", "--realtime",
+         "--publish", endpoint, "--wait-subscribers", "1"],
+        stdout=w, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+    os.close(w)
+    try:
+        notify.wait_for("READY=1")
+        deadline = time.monotonic() + 20
+        while len(sub.detections()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sub.detections()) >= 3, "detection stalled behind a full stdout"
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert time.monotonic() - t < 2.0 and proc.returncode == 0, err
+        sub.join(5)
+        assert sub.messages[-1][1].get("final") is True
+        assert "detection lines were not written to standard output" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(r)
+
 # -- reloads that lose nothing --------------------------------------------------------------
 
 def _replay(cfgs, reload_every: int, step: int = 1600):
