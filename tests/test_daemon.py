@@ -63,7 +63,7 @@ def wait_until_handled(proc: subprocess.Popen, sig: int, timeout: float = 30.0) 
     raise AssertionError(f"signal {sig} not handled within {timeout} s")
 
 
-def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
+def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000, stdout=subprocess.PIPE):
     notify = NotifySocket(tmp_path / "notify.sock")
     endpoint = f"ipc://{tmp_path}/pub.sock"
     sub = Subscriber(endpoint, timeout=60)
@@ -73,9 +73,9 @@ def start(tmp_path: Path, *args: str, watchdog_usec: int = 1_000_000):
     # SIGHUP as systemd leaves it, even when the tests run under nohup (which ignores it,
     # and the child would inherit that, making the start-up SIGHUP test test nothing).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamkws", "run", "--publish", endpoint, "--quiet",
-         "--wait-subscribers", "1", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-m", "streamkws", "run", "--publish", endpoint,
+         *(["--quiet"] if stdout == subprocess.PIPE else []), "--wait-subscribers", "1", *args],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     return proc, sub, notify
 
@@ -278,21 +278,13 @@ def test_a_reader_that_stops_reading_stalls_neither_detection_nor_the_stop(tmp_p
             while True:
                 os.write(w, b"x" * size)
     os.set_blocking(w, True)
-    notify = NotifySocket(tmp_path / "notify.sock")
-    endpoint = f"ipc://{tmp_path}/pub.sock"
-    sub = Subscriber(endpoint, timeout=60)
-    sub.start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamkws", "run", "--source", "demo", "--realtime",
-         "--publish", endpoint, "--wait-subscribers", "1"],
-        stdout=w, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+    proc, sub, notify = start(tmp_path, "--source", "demo", "--realtime", stdout=w)
     os.close(w)
     try:
         notify.wait_for("READY=1")
         deadline = time.monotonic() + 20
         while len(sub.detections()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+            notify.messages()  # as systemd reads them: a full queue would slow the sender
         assert len(sub.detections()) >= 3, "detection stalled behind a full stdout"
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
