@@ -153,9 +153,13 @@ class Notifier:
         """A reload has begun: ``RELOADING=1`` with ``MONOTONIC_USEC=``.
 
         systemd >= 253 requires the timestamp to match a reload to its request (older ones
-        ignore it). Send :meth:`ready` when the reload is done.
+        ignore it). Send :meth:`ready` when the reload is done. With the watchdog on, it is
+        petted too: the processing thread, which pets it, now loads a model, and on a
+        small board that may take seconds of the half-timeout left since the last pet.
         """
         fields: dict[str, object] = {"RELOADING": 1, "MONOTONIC_USEC": monotonic_usec()}
+        if self._watchdog is not None:
+            fields["WATCHDOG"] = 1
         if status is not None:
             fields["STATUS"] = status
         return self.notify(**fields)

@@ -171,6 +171,16 @@ def test_watchdog_interval_is_half_the_timeout() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "x"}) is None
 
 
+def test_a_reload_pets_the_watchdog_when_it_is_on(
+    path_listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", path_listener.env_value)
+    monkeypatch.setenv("WATCHDOG_USEC", "10000000")
+    with Notifier.from_env() as n:
+        assert n.reloading()
+        assert path_listener.receive().keys() == {"RELOADING", "MONOTONIC_USEC", "WATCHDOG"}
+
+
 def test_notifier_watchdog_interval_from_env(
     path_listener: Listener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
