@@ -150,3 +150,22 @@ def test_a_wake_during_a_read_ends_it():
     t = time.perf_counter()
     assert ring.read(timeout=2.0, min_samples=50) is None
     assert time.perf_counter() - t < 1.0
+
+
+def test_a_wake_while_a_read_takes_its_data_is_kept_for_the_next_read():
+    """A file's end (or a stop) signalled just as a read succeeds: the caller looks at its
+    flags only when a read returns, so the next read must not wait out its timeout."""
+
+    class WokenMidRead(RingBuffer):
+        def _take_ready(self, max_samples):
+            chunk = super()._take_ready(max_samples)
+            if chunk is not None:
+                self.wake()
+            return chunk
+
+    ring = WokenMidRead(100)
+    ring.write(Chunk(np.ones(10, np.float32), 0))
+    assert ring.read(timeout=2.0) is not None
+    t = time.perf_counter()
+    assert ring.read(timeout=2.0) is None
+    assert time.perf_counter() - t < 0.5

@@ -12,6 +12,7 @@ integer stores atomic, so the producer's ``_written`` store publishes a fully co
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 
 import numpy as np
@@ -32,7 +33,11 @@ class RingBuffer:
         # (ring position, samples missing there), appended by the producer only.
         self._gaps: collections.deque[tuple[int, int]] = collections.deque()
         self._data = threading.Event()
-        self._woken = False  # a wake() the consumer has not yet returned for
+        # wake() numbers its calls; a read returns at once while one it has not seen is
+        # pending. An event alone would lose a wake to the read's own clear().
+        self._wake_ids = itertools.count(1)
+        self._wakes = 0  # the latest wake's number
+        self._wakes_seen = 0  # consumer-owned: the latest a read started after
         self._space = threading.Event()
         self._closed = False
         # Consumer-owned: how much audio makes waking the consumer worthwhile. A live
@@ -135,23 +140,24 @@ class RingBuffer:
         the producer does not wake the consumer for less.
         """
         self._want = max(1, min_samples)
+        # A wake from here on is this read's to answer or, if it returns with data first,
+        # the next one's: the caller looks at its flags only after a read returns.
+        wakes = self._wakes
         chunk = self._take_ready(max_samples)
         if chunk is None and timeout > 0 and not self._closed:
             self._data.clear()
             chunk = self._take_ready(max_samples)
-            # Checked after the clear: a wake() that came between the caller's last look
-            # at its own flags and the clear would otherwise be erased by it, and a stop
-            # request would wait out the whole timeout.
-            if chunk is None and not self._woken:
+            # Checked after the clear, which would erase the set() of a wake just before.
+            if chunk is None and self._wakes == self._wakes_seen:
                 self._data.wait(timeout)
                 chunk = self._take_ready(max_samples)
-        self._woken = False
+        self._wakes_seen = wakes
         return chunk
 
     def wake(self) -> None:
         """Make the consumer's current or next :meth:`read` return at once (maybe with None),
         so that it looks at whatever it was woken for."""
-        self._woken = True  # before the set: read() checks it after its clear
+        self._wakes = next(self._wake_ids)  # before the set: read() checks it after its clear
         self._data.set()
 
     def _take_ready(self, max_samples: int | None) -> Chunk | None:
