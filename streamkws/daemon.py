@@ -38,9 +38,9 @@ from streamkws.audio.supervisor import RETRYING, SourceSupervisor
 from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import AudioConfig, Config, ModelConfig, load_default
 from streamkws.detect import Detection, Smoother
-from streamkws.errors import AudioError, ConfigError, StreamKWSError
+from streamkws.errors import AudioError, ConfigError, StreamKWSError, os_error_message
 from streamkws.frontend import FrontEnd, GatedWindow
-from streamkws.signals import SignalRelay
+from streamkws.signals import SignalRelay, StopFlag
 from streamkws.stdio import LineEcho
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ class Pipeline:
         front end rebuilds its features and VAD state from the latest audio, so its first
         window is the one ``old`` would have formed next.
         """
-        same = ("frontend", "vad", "windows")
-        same = all(getattr(self.cfg, k) == getattr(old.cfg, k) for k in same)
+        same = all(getattr(self.cfg, k) == getattr(old.cfg, k)
+                   for k in ("frontend", "vad", "windows"))
         # Before anything moves over: deciding them adds to old's counters and smoother.
         out = [] if same else old.flush()
         self.inferences, self.dropped_windows = old.inferences, old.dropped_windows
@@ -354,14 +354,17 @@ class Daemon:
         echo: TextIO | None = sys.stdout,
         wait_subscribers: int = 0,
         wait_timeout: float = 30.0,
-        stop_requested: threading.Event | None = None,
+        stop_requested: StopFlag | threading.Event | None = None,
     ) -> None:
         from streamkws.publish import Publisher
         from streamkws.sdnotify import Notifier
 
-        self._stop = threading.Event()  # a stop was requested
-        self._sink_stop = threading.Event()  # the source must give up a blocked write
+        # A stop request (a signal, stdout's reader leaving) ends the loop; the end of the
+        # loop, for whatever reason, must also free a source blocked on a full ring.
+        self._stop = threading.Event()
+        self._sink_stop = threading.Event()
         self._reload = threading.Event()
+        self._output_failure: str | None = None
         # Before the slow part (loading the model): systemd may send SIGHUP or SIGTERM as
         # soon as the process exists, and their default actions would kill it outright.
         self._signals = self._install_signals()
@@ -371,7 +374,7 @@ class Daemon:
             self.cfg = cfg
             self.config_path = config_path
             self.overrides = overrides or Overrides()
-            self.echo = None if echo is None else LineEcho(echo, on_closed=self.request_stop)
+            self.echo = None if echo is None else LineEcho(echo, on_closed=self._output_closed)
             self.wait_subscribers = wait_subscribers
             self.wait_timeout = wait_timeout
             torch.set_num_threads(cfg.model.threads)
@@ -405,6 +408,14 @@ class Daemon:
         self._reload.set()
         self._wake()
 
+    def _output_closed(self, error: OSError | None) -> None:
+        """Standard output's reader left (``error`` None: a clean stop, as a pipeline's
+        producer does) or writing to it failed (a full disk: a failed run)."""
+        if error is not None:
+            self._output_failure = f"standard output failed: {os_error_message(error)}"
+            log.error("%s; stopping", self._output_failure)
+        self.request_stop()
+
     def _wake(self) -> None:
         ring = getattr(self, "ring", None)  # a signal may arrive while __init__ still runs
         if ring is not None:
@@ -419,8 +430,9 @@ class Daemon:
                             signal.SIGHUP: self.request_reload})
 
     def _restore_signals(self) -> None:
-        if self._signals is not None:  # the old handlers apply again
-            self._signals.close()
+        # The old handlers apply again; off the main thread, where that cannot be done,
+        # ours stay (a later call from the main thread can still restore them).
+        if self._signals is not None and self._signals.close():
             self._signals = None
 
     def reload(self) -> bool:
@@ -458,7 +470,8 @@ class Daemon:
         error = None
         self._source_failure: str | None = None
         try:
-            return self._serve()
+            rc = self._serve()
+            return 1 if self._output_failure else rc
         except Exception as exc:
             log.exception("processing failed, stopping")
             error = f"{type(exc).__name__}: {exc}"
@@ -466,10 +479,8 @@ class Daemon:
         finally:
             # A source that broke (a file cut short, a pipe that failed) ends the run as a
             # failure too: subscribers must not read its last status as a clean end.
-            error = error or self._source_failure
-            # What a fast replay's reader waits on when the ring is full: after a failure
-            # in processing no stop request would tell it to give up.
-            self._sink_stop.set()
+            error = error or self._source_failure or self._output_failure
+            self._sink_stop.set()  # after a failure in processing no stop request did
             self.notifier.stopping()
             if self.supervisor is not None:
                 self.supervisor.stop()

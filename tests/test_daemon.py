@@ -267,7 +267,6 @@ def test_a_reader_that_leaves_stops_the_daemon_cleanly(tmp_path):
     assert len(detections) == 2 and last["audio_seconds"] < 20
 
 
-
 def test_a_reader_that_stops_reading_stalls_neither_detection_nor_the_stop(tmp_path):
     """`streamkws run | consumer` with the consumer suspended: once its pipe is full, a
     blocking write there would stop detection, statuses and the watchdog alike."""
@@ -297,6 +296,24 @@ def test_a_reader_that_stops_reading_stalls_neither_detection_nor_the_stop(tmp_p
         if proc.poll() is None:
             proc.kill()
         os.close(r)
+
+
+def test_a_stdout_that_cannot_be_written_fails_the_run(tmp_path):
+    """A full disk under `streamkws run > detections.jsonl`: an error and exit 1, not a
+    clean end with the lines silently lost."""
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    sub = Subscriber(endpoint, timeout=60)
+    sub.start()
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "streamkws", "run", "--source", "demo",
+                            "--fast", "--publish", endpoint, "--wait-subscribers", "1"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "standard output failed: No space left on device; stopping" in r.stderr
+    assert "Traceback" not in r.stderr
+    sub.join(10)
+    last = sub.messages[-1][1]
+    assert last["final"] is True and last["error"].startswith("standard output failed")
 
 # -- reloads that lose nothing --------------------------------------------------------------
 
@@ -509,6 +526,33 @@ def test_a_failure_in_processing_still_sends_the_final_status_with_the_error(tmp
     # The replay's reader, waiting for room in the full ring, was told to give up too.
     assert not daemon.source._thread.is_alive()
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # handed back
+
+
+def test_a_daemon_made_on_the_main_thread_may_run_on_another(tmp_path):
+    """As an embedding program might: the run ends normally; the handlers, which only the
+    main thread may change, are handed back when it asks."""
+    from streamkws.config import load_default
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = apply_overrides(load_default(None), Overrides(
+        source="demo", publish=f"ipc://{tmp_path}/pub.sock"))
+    daemon = Daemon(cfg, echo=None)
+    daemon.request_stop()
+    result = []
+
+    def run() -> None:
+        try:
+            result.append(daemon.run())
+        except Exception as exc:  # the test's own report, not the daemon's
+            result.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    runner.join(30)
+    assert result == [0]
+    daemon._restore_signals()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_stop_signal_landing_inside_the_rings_wait_cannot_hang_the_daemon(tmp_path):

@@ -27,9 +27,14 @@ class LeftReader(io.StringIO):
         raise BrokenPipeError(32, "Broken pipe")
 
 
+class FullDisk(io.StringIO):
+    def write(self, s: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
 def test_a_stalled_reader_never_blocks_the_caller_and_drops_are_counted(caplog):
     out = StalledReader()
-    echo = LineEcho(out, on_closed=lambda: None, max_lines=5)
+    echo = LineEcho(out, on_closed=lambda error: None, max_lines=5)
     t = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="streamkws.stdio"):
         echo.put("0\n")
@@ -47,7 +52,7 @@ def test_a_stalled_reader_never_blocks_the_caller_and_drops_are_counted(caplog):
 
 def test_waiting_for_room_gives_up_when_a_stop_is_requested():
     out = StalledReader()
-    echo = LineEcho(out, on_closed=lambda: None, max_lines=1)
+    echo = LineEcho(out, on_closed=lambda error: None, max_lines=1)
     stop = threading.Event()
     echo.put("a\n", wait=True, stop=stop)
     assert out.writing.wait(2)
@@ -63,7 +68,7 @@ def test_waiting_for_room_gives_up_when_a_stop_is_requested():
 
 def test_close_writes_everything_queued_for_a_slow_reader():
     out = StalledReader()
-    echo = LineEcho(out, on_closed=lambda: None)
+    echo = LineEcho(out, on_closed=lambda error: None)
     for i in range(50):
         echo.put(f"{i}\n", wait=True)
     threading.Timer(0.3, out.resume.set).start()
@@ -73,10 +78,36 @@ def test_close_writes_everything_queued_for_a_slow_reader():
 
 
 def test_a_reader_that_leaves_is_reported_once_and_later_lines_are_ignored():
-    left = threading.Event()
-    echo = LineEcho(LeftReader(), on_closed=left.set)
+    left = []
+    echo = LineEcho(LeftReader(), on_closed=left.append)
     echo.put("a\n")
-    assert left.wait(2)
-    echo.put("b\n")
     echo.close()
+    assert left == [None]  # no error: a reader leaving is a clean end
+    echo.put("b\n")
     assert echo.dropped == 0
+
+
+def test_a_failing_write_is_reported_and_nothing_waits_for_room_that_never_comes(caplog):
+    errors = []
+    echo = LineEcho(FullDisk(), on_closed=errors.append, max_lines=2)
+    stop = threading.Event()
+    t = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="streamkws.stdio"):
+        for i in range(10):  # a fast replay waits for room: there must be none to wait for
+            echo.put(f"{i}\n", wait=True, stop=stop)
+        echo.close()
+    assert time.monotonic() - t < 2.0
+    assert len(errors) == 1 and errors[0].errno == 28
+    assert "were not written to standard output (it failed" in caplog.text
+
+
+def test_the_line_stuck_in_a_write_counts_as_unwritten(caplog):
+    out = StalledReader()
+    echo = LineEcho(out, on_closed=lambda error: None)
+    echo.put("only\n")
+    assert out.writing.wait(2)
+    stop = threading.Event()
+    stop.set()
+    with caplog.at_level(logging.WARNING, logger="streamkws.stdio"):
+        echo.close(stop=stop, grace=0.1)
+    assert "1 detection lines were not written" in caplog.text
