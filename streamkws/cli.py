@@ -28,10 +28,11 @@ from streamkws.errors import (
     no_folder,
     os_error_message,
 )
+from streamkws.signals import StopFlag
 
 log = logging.getLogger("streamkws")
 
-_EARLY_STOP = threading.Event()
+_EARLY_STOP = StopFlag()
 """Set by SIGTERM/SIGINT before the daemon has installed its own handlers."""
 
 

@@ -21,6 +21,24 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class StopFlag:
+    """A flag a signal handler may set: a plain attribute, where ``threading.Event.set``
+    takes a lock that a second signal, landing inside the first handler, would wait for
+    for ever."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class SignalRelay:
     """Route each signal in ``actions`` to its call, made on the relay thread.
 
@@ -36,8 +54,13 @@ class SignalRelay:
         os.set_blocking(self._write_fd, False)  # a handler must never wait
         self._thread = threading.Thread(target=self._relay, name="signals", daemon=True)
         self._thread.start()
-        self._previous: dict[int, Any] = {
-            sig: signal.signal(sig, self.handle) for sig in self._actions}
+        self._previous: dict[int, Any] = {}
+        try:
+            for sig in self._actions:
+                self._previous[sig] = signal.signal(sig, self.handle)
+        except BaseException:
+            self.close()
+            raise
 
     def handle(self, signum: int, frame: object = None) -> None:
         """The installed handler: lock-free, so safe wherever the main thread is."""
@@ -62,10 +85,16 @@ class SignalRelay:
                 except Exception:  # a failed reload must not end signal handling
                     log.exception("acting on signal %d failed", signum)
 
-    def close(self) -> None:
-        """Restore the previous handlers, act on what is still pending, end the thread."""
+    def close(self) -> bool:
+        """Restore the previous handlers, act on what is still pending, end the thread.
+
+        Only the main thread may change handlers: called from another, it leaves all as
+        it is (the handlers still reach their actions) and returns False.
+        """
         if self._write_fd < 0:
-            return
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            return False
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -73,3 +102,4 @@ class SignalRelay:
         self._write_fd = -1
         self._thread.join(timeout=1.0)
         os.close(self._read_fd)
+        return True

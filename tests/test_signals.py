@@ -84,3 +84,19 @@ def test_a_failing_action_is_logged_and_later_signals_still_arrive(caplog):
         assert "acting on signal" in caplog.text and "reload broke" in caplog.text
     finally:
         relay.close()
+
+
+def test_close_off_the_main_thread_leaves_the_handlers_working_until_the_main_thread_closes():
+    previous = signal.getsignal(signal.SIGUSR1)
+    done = threading.Event()
+    relay = SignalRelay({signal.SIGUSR1: done.set})
+    result = []
+    closer = threading.Thread(target=lambda: result.append(relay.close()))
+    closer.start()
+    closer.join()
+    assert result == [False]  # Python allows handler changes on the main thread only
+    assert signal.getsignal(signal.SIGUSR1) == relay.handle
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert done.wait(5)
+    assert relay.close()
+    assert signal.getsignal(signal.SIGUSR1) == previous
