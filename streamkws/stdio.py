@@ -111,6 +111,6 @@ class LineEcho:
         unwritten = self.dropped + self.queued - self.written
         left = self._closed.is_set() and self.error is None  # nobody to write them for
         if unwritten and not left:
-            log.warning("%d detection lines were not written to standard output (%s; "
-                        "they were published)", unwritten,
+            log.warning("detection lines not written to standard output: %d (%s; they "
+                        "were published)", unwritten,
                         "it was not being read" if self.error is None else "it failed")

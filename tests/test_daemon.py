@@ -291,7 +291,7 @@ def test_a_reader_that_stops_reading_stalls_neither_detection_nor_the_stop(tmp_p
         assert time.monotonic() - t < 2.0 and proc.returncode == 0, err
         sub.join(5)
         assert sub.messages[-1][1].get("final") is True
-        assert "detection lines were not written to standard output" in err
+        assert "detection lines not written to standard output: " in err
     finally:
         if proc.poll() is None:
             proc.kill()
