@@ -26,6 +26,7 @@ import socket
 import stat
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ class Publisher:
         self._bound = False
         self.socket: zmq.Socket = self.context.socket(zmq.XPUB)
         # Watched from before the bind, so no subscriber can connect unseen.
-        self._monitor: zmq.Socket | None = self.socket.get_monitor_socket(
+        self._monitor: zmq.Socket | None = self._watch(
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             self._setup(cfg)
@@ -235,12 +236,29 @@ class Publisher:
             auth.start()
         except zmq.ZMQError as exc:
             # ZAP handlers are per context: a second CURVE publisher on a shared context
-            # cannot start its own.
+            # cannot start its own. Its half-made socket would keep the context open.
+            with contextlib.suppress(Exception):
+                auth.stop()
             raise StreamKWSError(
                 f"cannot start CURVE authentication for {cfg.endpoint}: {exc}"
             ) from None
         self._auth = auth
         auth.configure_curve(domain="*", location=location)
+
+    def _watch(self, events: int) -> zmq.Socket:
+        """The socket's connection events, read in :meth:`_drain_subscriptions`.
+
+        Its reading end takes any number of them. With ZeroMQ's default limit (1,000), a
+        burst of connections between two reads (anyone who can reach the port can make
+        one, before any CURVE check) blocked ZeroMQ's I/O thread on the full queue: no
+        message delivered, no connection accepted, and close() waiting for it for ever.
+        """
+        address = f"inproc://streamkws-monitor-{uuid.uuid4().hex}"
+        self.socket.monitor(address, events)
+        reader = self.context.socket(zmq.PAIR)
+        reader.rcvhwm = 0
+        reader.connect(address)
+        return reader
 
     def _bound_endpoint(self) -> str:
         try:

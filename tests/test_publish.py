@@ -301,6 +301,28 @@ def test_a_publisher_with_its_own_context_closes_promptly() -> None:
         c.destroy(linger=0)
 
 
+def test_a_burst_of_connections_between_two_publishes_stalls_nothing() -> None:
+    """Anyone who can reach the port can open connections faster than the daemon looks at
+    them (before any CURVE check). With ZeroMQ's bounded event queue the I/O thread froze:
+    no delivery, no new connection, and close() hung for ever."""
+    pub = Publisher(PublishConfig(endpoint=LOCAL))
+    port = int(pub.endpoint.rsplit(":", 1)[1])
+    c = zmq.Context()
+    try:
+        for i in range(1500):  # all while the publisher publishes nothing
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            if i % 100 == 0:
+                time.sleep(0.01)
+        sub = subscriber(c, pub.endpoint)
+        sync(pub, sub)  # a subscriber still connects and hears
+        closed = threading.Event()
+        threading.Thread(target=lambda: (pub.close(), closed.set()), daemon=True).start()
+        assert closed.wait(5), "close() hung on the I/O thread"
+        sub.close()
+    finally:
+        c.destroy(linger=0)
+
+
 # -- endpoints ----------------------------------------------------------------------------
 
 def test_ipc_creates_its_folder_and_replaces_a_stale_socket_file(
@@ -432,6 +454,21 @@ def test_curve_authorized_keys_admits_only_listed_clients(
                    keypair=_keypair(keys["client_b"][1]))
     sync(pub, a)
     assert _quiet(b, pub)
+
+
+def test_a_second_curve_publisher_on_a_shared_context_is_refused_and_leaves_it_closable(
+        keys: dict[str, tuple[Path, Path]]) -> None:
+    shared = zmq.Context()
+    cfg = PublishConfig(endpoint=LOCAL, curve_secret_key=str(keys["server"][1])).validate()
+    first = Publisher(cfg, context=shared)
+    with pytest.raises(StreamKWSError, match="cannot start CURVE authentication") as err:
+        Publisher(cfg, context=shared)
+    first.close()
+    termed = threading.Event()
+    # The error is still held here, as a caller that logs it would: nothing of the refused
+    # publisher may keep the context open.
+    threading.Thread(target=lambda: (shared.term(), termed.set()), daemon=True).start()
+    assert termed.wait(5) and err.value is not None
 
 
 def test_curve_key_errors_name_the_key_and_path(
