@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,11 @@ class Spotter:
     ``detect.threshold`` and ``detect.thresholds``. torch's thread count is left as the
     program has it (the daemon sets ``model.threads``), and no window is skipped: the
     caller sets the pace.
+
+    Calls are serialised by a lock, so another thread may :meth:`reset` or :meth:`flush`
+    while one feeds (a feed after a flush still raises until the reset). ``windows``
+    belongs to whichever call came last. ``feed`` runs the model: give it blocks from a
+    thread of your own, not from an audio callback, which must never wait.
     """
 
     def __init__(self, model: str | None = None, config: str | Path | Config | None = None,
@@ -126,6 +132,8 @@ class Spotter:
                                                   self.bundle.sha256):
             log.warning("%s", why)
         self.sample_rate = rate
+        # soxr's resampler runs without the GIL: two threads in it at once crash the process.
+        self._lock = threading.Lock()
         try:
             self.reset()  # the model's labels check the per-keyword thresholds
         except ConfigError as exc:
@@ -146,16 +154,19 @@ class Spotter:
         from streamkws.audio.wav import StreamResampler
         from streamkws.daemon import Pipeline
 
-        self._pipeline = Pipeline(self.config, self.bundle)
-        self._pipeline.trace = []
-        self.windows: list[Window] = []
-        """The windows the last :meth:`feed` or :meth:`flush` decided, in order: for a
-        program with its own decision logic (openWakeWord's users score frames)."""
-        self._resampler = (StreamResampler(self.sample_rate)
-                           if self.sample_rate != SAMPLE_RATE else None)
-        self._position = 0
-        self._warned_nan = self._warned_scale = False
-        self._ended = False
+        pipeline = Pipeline(self.config, self.bundle)
+        pipeline.trace = []
+        resampler = (StreamResampler(self.sample_rate)
+                     if self.sample_rate != SAMPLE_RATE else None)
+        with self._lock:
+            self._pipeline = pipeline
+            self.windows: list[Window] = []
+            """The windows the last :meth:`feed` or :meth:`flush` decided, in order: for a
+            program with its own decision logic (openWakeWord's users score frames)."""
+            self._resampler = resampler
+            self._position = 0
+            self._warned_nan = self._warned_scale = False
+            self._ended = False
 
     def feed(self, audio: np.ndarray) -> list[Hit]:
         """Take the next block of the stream and return the detections it completes.
@@ -165,31 +176,33 @@ class Spotter:
         """
         from streamkws.errors import StreamKWSError
 
-        if self._ended:
-            raise StreamKWSError("the stream ended with flush(); reset() starts another")
-        x = self._as_float(audio)
-        if self._resampler is not None:
-            x = np.clip(self._resampler.process(x), -1.0, 1.0)
-        hits = self._push(x)
-        self._take_windows()
-        return hits
+        with self._lock:
+            if self._ended:
+                raise StreamKWSError("the stream ended with flush(); reset() starts another")
+            x = self._as_float(audio)
+            if self._resampler is not None:
+                x = np.clip(self._resampler.process(x), -1.0, 1.0)
+            hits = self._push(x)
+            self._take_windows()
+            return hits
 
     def flush(self) -> list[Hit]:
         """The end of the stream: its last second is decided as if silence followed, as
         the daemon does at the end of a file, so a word right at the end (or a lone 1-s
         clip) is still heard. Calling it again returns nothing; :meth:`reset` starts a new
         stream."""
-        if self._ended:
-            self.windows = []
-            return []
-        self._ended = True
-        hits = []
-        if self._resampler is not None:
-            tail = self._resampler.process(np.zeros(0, np.float32), last=True)
-            hits += self._push(np.clip(tail, -1.0, 1.0))
-        hits += [self._hit(d) for d in self._pipeline.finish()]
-        self._take_windows()
-        return hits
+        with self._lock:
+            if self._ended:
+                self.windows = []
+                return []
+            self._ended = True
+            hits = []
+            if self._resampler is not None:
+                tail = self._resampler.process(np.zeros(0, np.float32), last=True)
+                hits += self._push(np.clip(tail, -1.0, 1.0))
+            hits += [self._hit(d) for d in self._pipeline.finish()]
+            self._take_windows()
+            return hits
 
     def _take_windows(self) -> None:
         trace, labels = self._pipeline.trace, self.bundle.labels

@@ -207,3 +207,41 @@ def test_thresholds_given_as_arguments_replace_the_configs_and_are_named_as_give
         with pytest.raises(StreamKWSError) as caught:
             Spotter(**kwargs)
         assert str(caught.value).startswith(message)
+
+
+RACE = r"""
+import collections, json, sys, threading, time
+import numpy as np
+from streamkws.spotter import Spotter
+
+spotter = Spotter(sample_rate=48000)
+block = (np.random.default_rng(0).standard_normal(960) * 0.3).astype(np.float32)
+errors, stop = collections.Counter(), threading.Event()
+
+def feeder():
+    while not stop.is_set():
+        try:
+            spotter.feed(block)
+        except Exception as exc:
+            errors[str(exc)] += 1
+
+thread = threading.Thread(target=feeder)
+thread.start()
+t0 = time.monotonic()
+while time.monotonic() - t0 < 3:
+    spotter.flush()
+    spotter.reset()
+    time.sleep(0.005)
+stop.set()
+thread.join()
+print(json.dumps(dict(errors)))
+"""
+
+
+def test_feeding_on_one_thread_while_another_flushes_and_resets_is_safe():
+    """soxr's resampler runs without the GIL: unserialised, this crashed the process."""
+    r = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errors = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(errors) <= {"the stream ended with flush(); reset() starts another"}
