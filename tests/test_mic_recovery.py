@@ -229,6 +229,30 @@ def test_a_stream_that_stalls_counts_as_gone() -> None:
     assert sup2.state == OK and never.opens == 1
 
 
+def test_a_slow_device_rescan_does_not_count_against_the_reopened_stream() -> None:
+    """Re-scanning devices re-initialises PortAudio, seconds on some systems: the stall
+    clock of the new stream starts once it is open, or it is declared stalled at once."""
+    src = ScriptedSource()
+
+    def slow_rescan() -> None:
+        clock.t = round(clock.t + 4.8, 6)
+
+    sup, clock, _ = supervised(src, stall_timeout_s=5.0, rescan=slow_rescan)
+    sup.start()
+    clock.t = 0.1
+    src.emit()
+    src.die()
+    while not (src.opens == 2 and src.is_open):
+        assert clock.t < 30, "never reopened"
+        clock.t = round(clock.t + 0.01, 6)
+        sup.poll()
+    reopened = clock.t
+    run_until(sup, clock, reopened + 0.5)
+    src.emit()
+    run_until(sup, clock, reopened + 1.0)
+    assert sup.state == OK and src.is_open and src.opens == 2
+
+
 def test_backoff_resets_only_after_the_stream_stayed_up() -> None:
     src = ScriptedSource()
     sup, clock, _ = supervised(src, retry_max_s=8.0)

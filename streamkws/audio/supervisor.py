@@ -215,7 +215,6 @@ class SourceSupervisor:
                     log.debug("re-scanning audio devices failed: %r", exc)
         self._heard_any = self._heard_any or self._chunks > 0
         self._chunks = 0  # the first chunk of the new stream fixes its offset (_deliver)
-        self._opened_at = now
         try:
             self.source.start(self._deliver)
         except Exception as exc:  # any failure to open is retried: the daemon must outlive it
@@ -223,6 +222,9 @@ class SourceSupervisor:
             msg = str(exc) if isinstance(exc, AudioError) else f"{type(exc).__name__}: {exc}"
             self._failed(now, msg)
             return
+        # From now, not from the attempt: re-scanning and opening may take seconds that
+        # are not the new stream's silence.
+        self._opened_at = self._clock()
         self._open = True
         if not first:
             log.debug("reopened %s (attempt %d); waiting for audio", self.source.name,
