@@ -37,6 +37,10 @@ NOT_CONNECTED_WARN_S = 5.0
 keeps retrying in silence, and a daemon publishes status at least every 5 s, so by then
 a user watching an empty terminal deserves to know which of the two is quiet."""
 
+HEARTBEAT_MS = 1000
+"""``listen`` pings the publisher this often and counts it gone after three times as long
+without an answer (ZeroMQ's own heartbeat, answered by the publisher's I/O thread)."""
+
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
         "handshake failed (is --server-key the publisher's public key?)"
@@ -80,6 +84,10 @@ def listen(
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    # A publisher frozen whole (SIGSTOP, a hung host) or one whose host lost power or its
+    # network closes no connection; without pings it would look connected for ever.
+    sub.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
     monitor: zmq.Socket | None = None
     try:
         if connect.startswith("tcp://") and ":" in tcp_host(connect):

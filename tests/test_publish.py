@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -793,6 +795,43 @@ def test_listen_says_when_the_publisher_goes_away_and_a_timeout_then_exits_1(
     assert any("the publisher went away (stopped or restarting?); reconnecting" in w
                for w in warned), warned
     assert warned[-1].endswith("has not come back; giving up")
+
+
+FROZEN_PUBLISHER = r"""
+import sys, time
+from streamkws.config import PublishConfig
+from streamkws.publish import Publisher, status_message
+pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0").validate())
+print(pub.endpoint, flush=True)
+while True:
+    pub.publish("status", status_message(uptime=1, audio_seconds=1, inferences=1,
+                                         vad_active_ratio=0, overruns=0,
+                                         dropped_windows=0, detections=0))
+    time.sleep(0.2)
+"""
+
+
+def test_listen_tells_a_frozen_publisher_from_a_quiet_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon frozen whole (SIGSTOP here; a hung host, or one that lost power or its
+    network) closes no connection: only heartbeats show it is gone."""
+    proc = subprocess.Popen([sys.executable, "-c", FROZEN_PUBLISHER],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        out, result = io.StringIO(), []
+        thread = threading.Thread(target=lambda: result.append(
+            listen(endpoint, [], None, None, out=out, timeout=6)))
+        thread.start()
+        wait_for_text(out, "\n")
+        os.kill(proc.pid, signal.SIGSTOP)
+        thread.join(30)
+        assert result == [1]
+        warned = [r.getMessage() for r in caplog.records if r.name == "streamkws.listen"]
+        assert warned and warned[-1].endswith("has not come back; giving up"), warned
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("topics", [[], ["detection"]])
