@@ -500,7 +500,11 @@ def _leave(rc: int) -> NoReturn:
 
 def entry() -> NoReturn:
     """The installed ``streamkws`` command and ``python -m streamkws``."""
-    raise SystemExit(main(leave_at_once=True))
+    try:
+        rc = main(leave_at_once=True)
+    except KeyboardInterrupt:  # Ctrl-C in the first moments, while the parser imports
+        rc = 130
+    raise SystemExit(rc)
 
 
 if __name__ == "__main__":

@@ -375,3 +375,17 @@ def test_a_tool_run_outside_the_command_exits_as_the_command_would(capsys, error
 
     assert exit_status("tool", fail, None) == status
     assert capsys.readouterr().err == f"tool: error: {error}\n"
+
+
+def test_ctrl_c_before_the_command_runs_is_exit_130_without_a_traceback():
+    """Building the parser imports the commands' modules: Ctrl-C there came before main's
+    own handling and printed a traceback. (In a child: an interrupt in pytest's own
+    process would stop the whole run.)"""
+    code = ("from streamkws import cli\n"
+            "def interrupted(argv=None):\n"
+            "    raise KeyboardInterrupt\n"
+            "cli.build_parser = interrupted\n"
+            "cli.entry()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
