@@ -88,6 +88,11 @@ def listen(
     # network closes no connection; without pings it would look connected for ever.
     sub.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+    # And no limit on what waits to be printed: at the limit ZeroMQ stops reading the
+    # connection, so a reader of our stdout that falls behind would starve the pongs,
+    # and libzmq aborts the process on the reconnect that follows (its issue #3937).
+    # The daemon's messages are few; a stalled reader costs ~300 bytes each.
+    sub.setsockopt(zmq.RCVHWM, 0)
     monitor: zmq.Socket | None = None
     try:
         if connect.startswith("tcp://") and ":" in tcp_host(connect):

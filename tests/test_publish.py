@@ -821,7 +821,7 @@ def test_listen_tells_a_frozen_publisher_from_a_quiet_one(
         endpoint = proc.stdout.readline().strip()
         out, result = io.StringIO(), []
         thread = threading.Thread(target=lambda: result.append(
-            listen(endpoint, [], None, None, out=out, timeout=6)))
+            listen(endpoint, [], None, None, out=out, timeout=8)))
         thread.start()
         wait_for_text(out, "\n")
         os.kill(proc.pid, signal.SIGSTOP)
@@ -832,6 +832,50 @@ def test_listen_tells_a_frozen_publisher_from_a_quiet_one(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_listen_whose_reader_falls_behind_keeps_its_connection_and_every_message(
+        make_pub: Callable[..., Publisher]) -> None:
+    """`listen | slow-consumer`: with its queue full, ZeroMQ would stop reading the
+    connection, starve the heartbeat, call a live publisher gone, and abort in libzmq on
+    the reconnect."""
+    pub = make_pub()
+    proc = subprocess.Popen([sys.executable, "-m", "streamkws", "-v", "listen", "--connect",
+                             pub.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:  # until it subscribed
+            pub.publish("status", a_status())
+            if pub.subscriptions:
+                break
+            time.sleep(0.05)
+        for _ in range(3000):  # far more than the pipe and ZeroMQ's default queue hold
+            pub.publish("detection", a_detection())
+        stalled_until = time.monotonic() + 6  # nobody reads listen's stdout meanwhile
+        while time.monotonic() < stalled_until:
+            pub.publish("status", a_status())
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.set_blocking(proc.stdout.fileno(), False)
+        lines, quiet_since = 0, time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:
+            try:
+                data = os.read(proc.stdout.fileno(), 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            if not data:  # it ended
+                break
+            lines += data.count(b"\n")
+            quiet_since = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err.decode()
+        assert b"went away" not in err and b"Assertion" not in err, err.decode()
+        assert lines >= 3000 + 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.mark.parametrize("topics", [[], ["detection"]])
