@@ -168,10 +168,10 @@ class Publisher:
         """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
         self.socket: zmq.Socket = self.context.socket(zmq.XPUB)
-        # Watched from before the bind, so no subscriber can connect unseen.
-        self._monitor: zmq.Socket | None = self._watch(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor: zmq.Socket | None = None
         try:
+            # Watched from before the bind, so no subscriber can connect unseen.
+            self._monitor = self._watch(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             self._setup(cfg)
         except BaseException:
             self.close()

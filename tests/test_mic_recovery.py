@@ -253,6 +253,19 @@ def test_a_slow_device_rescan_does_not_count_against_the_reopened_stream() -> No
     assert sup.state == OK and src.is_open and src.opens == 2
 
 
+def test_a_slow_device_rescan_does_not_eat_into_the_wait_before_the_next_attempt() -> None:
+    src = ScriptedSource(failures=3)
+
+    def slow_rescan() -> None:
+        clock.t = round(clock.t + 4.8, 6)
+
+    sup, clock, _ = supervised(src, rescan=slow_rescan)
+    sup.start()  # fails: the next attempt in 0.5 s, then the wait doubles
+    run_until(sup, clock, 0.5)  # re-scans for 4.8 s, and fails again
+    assert src.opens == 2
+    assert sup.next_attempt_in == pytest.approx(1.0)
+
+
 def test_backoff_resets_only_after_the_stream_stayed_up() -> None:
     src = ScriptedSource()
     sup, clock, _ = supervised(src, retry_max_s=8.0)

@@ -220,7 +220,7 @@ class SourceSupervisor:
         except Exception as exc:  # any failure to open is retried: the daemon must outlive it
             self.source.stop()  # release whatever the failed open left half-done
             msg = str(exc) if isinstance(exc, AudioError) else f"{type(exc).__name__}: {exc}"
-            self._failed(now, msg)
+            self._failed(self._clock(), msg)  # the wait counts from now, not before the re-scan
             return
         # From now, not from the attempt: re-scanning and opening may take seconds that
         # are not the new stream's silence.
