@@ -101,7 +101,7 @@ class Spotter:
     def __init__(self, model: str | None = None, config: str | Path | Config | None = None,
                  sample_rate: int = SAMPLE_RATE, threshold: float | None = None,
                  thresholds: dict[str, float] | None = None) -> None:
-        from streamkws.bundle import load_bundle
+        from streamkws.daemon import Overrides, load_model
         from streamkws.errors import ConfigError, StreamKWSError
 
         try:
@@ -127,10 +127,8 @@ class Spotter:
             except ConfigError as exc:
                 raise _as_argument(exc) from None
         self.config = cfg
-        self.bundle = load_bundle(cfg.model.name)
-        if why := cfg.detect.calibration_mismatch(cfg.model.name, self.bundle.name,
-                                                  self.bundle.sha256):
-            log.warning("%s", why)
+        # As the daemon loads it: warned of thresholds calibrated for another model.
+        self.bundle = load_model(cfg, Overrides(model=model))
         self.sample_rate = rate
         # soxr's resampler runs without the GIL: two threads in it at once crash the process.
         self._lock = threading.Lock()

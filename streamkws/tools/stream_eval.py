@@ -574,10 +574,10 @@ def run(args: argparse.Namespace) -> int:
     truth = _truth(args)
     import torch
 
+    from streamkws.daemon import Overrides, load_model
+
     torch.set_num_threads(cfg.model.threads)
-    bundle = load_bundle(cfg.model.name)
-    if why := cfg.detect.calibration_mismatch(cfg.model.name, bundle.name, bundle.sha256):
-        log.warning("%s", why)  # as the daemon would say
+    bundle = load_model(cfg, Overrides(model=args.model))  # warns of stale thresholds
     written_detect = cfg.detect  # what a written config keeps (an unset threshold unset)
     # Calibration and the report start from the threshold the daemon would use.
     cfg = cfg.replace(detect=cfg.detect.for_model(bundle.threshold))
