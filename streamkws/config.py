@@ -41,7 +41,8 @@ class AudioConfig:
     double up to this long, until it is back."""
     stall_timeout_s: float = 5.0
     """A microphone that delivers no audio this long counts as gone and is reopened
-    (0 = never; some drivers stop calling back instead of reporting an error)."""
+    (0 = never; some drivers stop calling back instead of reporting an error). stdin,
+    which cannot be reopened, is reported as stalled instead, and waited for."""
 
     def validate(self, prefix: str = "audio") -> AudioConfig:
         if not 1 <= self.block_ms <= 1000:

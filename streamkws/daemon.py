@@ -7,8 +7,9 @@ live source, whole windows are skipped and counted; the ring keeps every sample,
 time and the front end's state stay exact.
 
 A microphone that fails, vanishes or stalls does not end the daemon: the loop's
-:class:`SourceSupervisor` reopens it with backoff while status reports the outage. Files
-and stdin still end the run on an error.
+:class:`SourceSupervisor` reopens it with backoff while status reports the outage. stdin
+that stalls is reported (:class:`StallWatch`) and waited for. Files and stdin still end
+the run on an error.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from streamkws.audio.chunk import Chunk
 from streamkws.audio.mic import MicSource, load_portaudio, refresh_devices, resolve_device
 from streamkws.audio.ring import RingBuffer
 from streamkws.audio.sources import open_source
+from streamkws.audio.stall import STALLED, StallWatch
 from streamkws.audio.supervisor import RETRYING, SourceSupervisor
 from streamkws.bundle import Bundle, load_bundle
 from streamkws.config import AudioConfig, Config, ModelConfig, load_default
@@ -382,6 +384,7 @@ class Daemon:
             self.pipeline = Pipeline(cfg, self.bundle)
             self.source = open_audio(cfg, self.overrides)
             self.supervisor: SourceSupervisor | None = None
+            self.stall: StallWatch | None = None
             self.ring = RingBuffer(int(cfg.audio.ring_seconds * SAMPLE_RATE))
             self.publisher = Publisher(cfg.publish)
             self.notifier = Notifier.from_env()
@@ -485,6 +488,8 @@ class Daemon:
             if self.supervisor is not None:
                 self.supervisor.stop()
             self.source.stop()
+            if self.stall is not None:  # a quiet producer that then closed: not stalled
+                self.stall.poll(time.monotonic())
             self._publish_status(final=True, error=error)
             self.publisher.close()
             if self.echo is not None:  # while a stop request still reaches us
@@ -524,6 +529,8 @@ class Daemon:
             self.supervisor.start()
         else:
             self.source.on_finished = self.ring.wake
+            if self.source.reports_stalls and self.cfg.audio.stall_timeout_s > 0:
+                self.stall = StallWatch(self.source, self.cfg.audio.stall_timeout_s)
             self.source.start(sink)
         log.info("listening on %s with model %s, %s; publishing on %s", self.source.name,
                  self.bundle.name, self.cfg.detect.describe(self.bundle.threshold),
@@ -568,6 +575,8 @@ class Daemon:
             now = time.monotonic()
             if self.supervisor is not None and self.supervisor.poll(now):
                 statuses.at_once(now)  # subscribers hear of an outage (or its end) at once
+            if self.stall is not None and self.stall.poll(now):
+                statuses.at_once(now)
             if statuses.due(now):
                 self._publish_status()
             if watchdog is not None and watchdog.due(now):
@@ -616,12 +625,15 @@ class Daemon:
         }
 
     def _source_health(self) -> dict:
-        """The microphone's state for status; empty for files and stdin (they never retry)."""
-        sup = self.supervisor
-        if sup is None:
-            return {}
-        return {"source_state": sup.state, "source_error": sup.error,
-                "source_retries": sup.retries}
+        """The source's state for status: a microphone's (reopened when it fails) or
+        stdin's (waited for when it stalls); empty for files."""
+        sup, stall = self.supervisor, self.stall
+        if sup is not None:
+            return {"source_state": sup.state, "source_error": sup.error,
+                    "source_retries": sup.retries}
+        if stall is not None:
+            return {"source_state": stall.state, "source_error": stall.error}
+        return {}
 
     def _publish_status(self, final: bool = False, error: str | None = None) -> None:
         from streamkws.publish import status_message
@@ -643,4 +655,6 @@ class Daemon:
             # What `systemctl status` shows: why nothing is heard comes first.
             why = f"unavailable, retrying ({sup.retries} attempts): {sup.error}"[:200]
             return f"{self.source.name}: {why}; {counts}"
+        if self.stall is not None and self.stall.state == STALLED:
+            return f"{self.stall.error} (producer stuck?); {counts}"
         return f"{self.source.name}: {counts}"

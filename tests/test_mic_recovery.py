@@ -614,6 +614,102 @@ def test_files_still_end_the_run_and_report_no_source_state(tmp_path, demo_audio
     assert final["final"] is True and "source_state" not in final
 
 
+def test_stdin_whose_producer_goes_quiet_is_reported_stalled_then_ok_again(
+    tmp_path, monkeypatch, caplog, demo_audio
+) -> None:
+    """``arecord | streamkws run --source -`` with arecord hung: a pipe cannot be reopened,
+    but the daemon must not look healthy while nothing comes."""
+    import os
+
+    from streamkws.audio.stall import STALLED
+    from streamkws.audio.stdin import StdinSource
+
+    caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
+    notify = NotifyReceiver(tmp_path / "notify.sock")
+    notify.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    read_fd, write_fd = os.pipe()
+    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
+    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    pcm = (demo_audio[: 3 * SAMPLE_RATE] * 32767).astype("<i2").tobytes()
+    d.start()
+    try:
+        os.write(write_fd, pcm[: len(pcm) // 2])
+        stalled = wait_until(lambda: [s for s in d.statuses()
+                                      if s.get("source_state") == STALLED], 10, "a stall")[0]
+        # Reported within the status poll (at most 1 s) of the timeout, not at the next
+        # regular status only.
+        assert stalled["audio_seconds"] == 1.5
+        assert stalled["source_error"].startswith("stdin has delivered no audio for ")
+        os.write(write_fd, pcm[len(pcm) // 2:])
+        wait_until(lambda: d.statuses()[-1]["audio_seconds"] == 3.0
+                   and d.statuses()[-1]["source_state"] == OK, 10, "audio again")
+    finally:
+        os.close(write_fd)  # end of file: the end of the stream
+        d.thread.join(10)
+        notify.done.set()
+        notify.join(5)
+    assert d.rc == 0
+    states = state_runs(d.statuses())
+    assert states == [OK, STALLED, OK], states
+    final = d.statuses()[-1]
+    assert final["final"] is True and "source_error" not in final
+    # Once each way in the log, and `systemctl status` says why nothing is heard.
+    stall_log = [r for r in caplog.records if r.name == "streamkws.audio.stall"]
+    assert [r.levelno for r in stall_log] == [logging.WARNING, logging.INFO], stall_log
+    assert "is the program feeding it stuck" in stall_log[0].getMessage()
+    assert any(v.startswith("stdin has delivered no audio for") and "producer stuck" in v
+               for _, v in notify.fields("STATUS"))
+
+
+def test_stdin_that_closes_after_a_stall_ends_as_a_clean_stream_not_a_stalled_one(
+    tmp_path, caplog, demo_audio
+) -> None:
+    import os
+
+    from streamkws.audio.stall import STALLED
+    from streamkws.audio.stdin import StdinSource
+
+    caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
+    read_fd, write_fd = os.pipe()
+    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
+    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d.start()
+    try:
+        os.write(write_fd, (demo_audio[:SAMPLE_RATE] * 32767).astype("<i2").tobytes())
+        wait_until(lambda: any(s.get("source_state") == STALLED for s in d.statuses()), 10,
+                   "a stall")
+    finally:
+        os.close(write_fd)
+        d.thread.join(10)
+    assert d.rc == 0
+    final = d.statuses()[-1]
+    assert final["final"] is True and final["source_state"] == OK
+    assert "source_error" not in final and final["audio_seconds"] == 1.0
+    # The producer's exit is the end of the stream, not audio coming back.
+    assert [r.levelno for r in caplog.records if r.name == "streamkws.audio.stall"] == [
+        logging.WARNING]
+
+
+def test_stdin_stall_reporting_can_be_turned_off(tmp_path, demo_audio) -> None:
+    import os
+
+    from streamkws.audio.stdin import StdinSource
+
+    read_fd, write_fd = os.pipe()
+    d = DaemonThread(tmp_path, "-", stall_timeout_s=0)
+    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d.start()
+    try:
+        time.sleep(1.5)
+        os.write(write_fd, (demo_audio[:SAMPLE_RATE] * 32767).astype("<i2").tobytes())
+    finally:
+        os.close(write_fd)
+        d.thread.join(10)
+    assert d.rc == 0 and d.daemon.stall is None
+    assert all("source_state" not in s for s in d.statuses())
+
+
 def test_a_missing_portaudio_library_still_fails_at_start(tmp_path, monkeypatch) -> None:
     import streamkws.audio.mic as mic
 

@@ -180,6 +180,36 @@ def test_stdin_closed_mid_stream_ends_the_source_cleanly(clip):
     assert ring.available == 8000
 
 
+def test_stdin_input_wait_counts_a_silent_producer_not_a_busy_consumer(clip):
+    """What the daemon's stall report rests on: a fast replay blocked on a full ring is
+    waiting for the daemon, not for its producer."""
+    import os
+
+    r, w = os.pipe()
+    src = StdinSource(os.fdopen(r, "rb"), block_frames=1600)
+    release, in_sink = threading.Event(), threading.Event()
+
+    def slow_sink(chunk) -> None:
+        in_sink.set()
+        release.wait(5)
+
+    src.start(slow_sink)
+    try:
+        time.sleep(0.3)  # nothing written yet: waiting for input
+        assert src.input_wait(time.monotonic()) >= 0.25
+        os.write(w, (clip[:1600] * 32767).astype("<i2").tobytes())
+        assert in_sink.wait(2)
+        time.sleep(0.3)  # held in the sink: not a wait for input
+        assert src.input_wait(time.monotonic()) == 0.0
+        release.set()
+        time.sleep(0.3)
+        assert 0.2 <= src.input_wait(time.monotonic()) < 1.0
+    finally:
+        release.set()
+        os.close(w)
+    assert src.finished.wait(2) and src.input_wait(time.monotonic()) == 0.0
+
+
 def test_source_errors_in_the_reader_thread_are_reported_not_lost(tmp_path, clip):
     p = write_wav(tmp_path / "x.wav", clip)
     src = WavSource(p)

@@ -29,6 +29,10 @@ class AudioSource(abc.ABC):
     blocks_on_full_ring: bool = False
     """File-like sources may wait for the consumer (nothing is lost); microphones may not."""
 
+    reports_stalls: bool = False
+    """Whether the daemon should watch :meth:`input_wait` and report a stall: a source
+    fed by another program (stdin) that cannot be reopened, only waited for."""
+
     def __init__(self) -> None:
         self.finished = threading.Event()
         self.started_wall: float | None = None
@@ -46,6 +50,11 @@ class AudioSource(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop delivering and release the device or file. Idempotent."""
+
+    def input_wait(self, now: float) -> float:
+        """Seconds (by ``time.monotonic``) the source has been waiting for its input to
+        deliver anything, up to ``now``; 0 when it is not waiting."""
+        return 0.0
 
     def __enter__(self) -> AudioSource:
         return self
@@ -69,6 +78,7 @@ class ThreadedSource(AudioSource):
         self.realtime = realtime
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waiting_since: float | None = None
 
     @abc.abstractmethod
     def blocks(self) -> Iterator:
@@ -79,7 +89,17 @@ class ThreadedSource(AudioSource):
         pos = 0
         t0 = time.monotonic()
         self.started_wall = time.time()
-        for block in self.blocks():
+        blocks = self.blocks()
+        while True:
+            # Only the wait for input counts, not the pacing below or a full ring: a
+            # producer that has gone quiet is told apart from a consumer that is busy.
+            self._waiting_since = time.monotonic()
+            try:
+                block = next(blocks, None)
+            finally:
+                self._waiting_since = None
+            if block is None:
+                return
             if self._stop.is_set():
                 return
             if len(block) == 0:
@@ -92,6 +112,10 @@ class ThreadedSource(AudioSource):
                     return
             yield Chunk(block, pos)
             pos += len(block)
+
+    def input_wait(self, now: float) -> float:
+        since = self._waiting_since  # read once: the reader thread clears it
+        return 0.0 if since is None else max(0.0, now - since)
 
     def start(self, sink: Sink) -> None:
         self._thread = threading.Thread(

@@ -18,6 +18,9 @@ class StdinSource(ThreadedSource):
     """Reads s16le until end of file, which ends the stream cleanly."""
 
     name = "stdin"
+    # A pipe cannot be reopened, but a producer that hangs (arecord on a wedged device)
+    # must not look like a quiet room: the daemon reports the stall.
+    reports_stalls = True
 
     def __init__(
         self, stream: BinaryIO | None = None, realtime: bool = False, block_frames: int = 1600
