@@ -163,7 +163,8 @@ class Publisher:
         self.context: zmq.Context = zmq.Context() if context is None else context
         self._auth: ThreadAuthenticator | None = None
         self.subscriptions = 0
-        """Subscribe requests heard so far (each subscriber sends one per topic)."""
+        """Subscriptions held now: each subscriber makes one per topic, and takes them back
+        when it unsubscribes or leaves."""
         self._peers: set[int] = set()
         """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
@@ -189,7 +190,11 @@ class Publisher:
     def _setup(self, cfg: PublishConfig) -> None:
         s = self.socket
         s.setsockopt(zmq.SNDHWM, cfg.high_water_mark)
-        s.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass up every subscribe, not only a topic's first
+        # Pass up every subscribe and unsubscribe, not only a topic's first and last: the
+        # unsubscribes a leaving subscriber's connection makes keep `subscriptions` a count
+        # of those held now, so one who left cannot make a bare TCP connection (a port
+        # scan, a health check) pass for a subscriber in wait_for_subscribers.
+        s.setsockopt(zmq.XPUB_VERBOSER, 1)
         s.setsockopt(zmq.LINGER, LINGER_MS)
         s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -277,6 +282,8 @@ class Publisher:
                 break
             if frame[:1] == b"\x01":
                 self.subscriptions += 1
+            elif frame[:1] == b"\x00":
+                self.subscriptions = max(0, self.subscriptions - 1)
         while self._monitor is not None:
             try:
                 evt = recv_monitor_message(self._monitor, zmq.NOBLOCK)

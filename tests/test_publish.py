@@ -1005,6 +1005,32 @@ def test_waiting_for_subscribers_counts_subscribers_not_their_topics(
     assert recv(other, 1.0) is not None
 
 
+def test_a_subscriber_who_left_does_not_let_a_bare_connection_pass_for_one(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    """`run --wait-subscribers 1`: a port scan or a health check's bare TCP connect, after
+    the one real subscriber has gone, must not start the replay into the void."""
+    import socket
+
+    pub = make_pub()
+    sub = subscriber(ctx, pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"status")
+    assert pub.wait_for_subscribers(1, timeout=5.0)
+    sub.close(linger=0)
+    deadline = time.monotonic() + 5
+    while pub.subscribers or pub.subscriptions:  # its subscriptions are taken back too
+        assert time.monotonic() < deadline, (pub.subscribers, pub.subscriptions)
+        pub.publish("status", a_status())
+        time.sleep(0.02)
+    host, port = pub.endpoint[len("tcp://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port))):
+        assert not pub.wait_for_subscribers(1, timeout=1.0)
+        assert pub.subscribers == 1 and pub.subscriptions == 0
+        real = subscriber(ctx, pub.endpoint)
+        assert pub.wait_for_subscribers(1, timeout=5.0)
+        assert pub.publish("status", a_status())
+        assert recv(real, 2.0) is not None
+
+
 def test_waiting_for_subscribers_ends_when_told_to_stop(
         make_pub: Callable[..., Publisher]) -> None:
     pub = make_pub()
