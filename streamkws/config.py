@@ -44,6 +44,13 @@ class AudioConfig:
     (0 = never; some drivers stop calling back instead of reporting an error). stdin,
     which cannot be reopened, is reported as stalled instead, and waited for."""
 
+    stdin_live: bool = False
+    """stdin (``-``) is a live capture (``arecord ... | streamkws run --source -``): when
+    the model falls behind, whole windows are skipped and counted, as for a microphone,
+    instead of the producer being made to wait (which loses its audio where the daemon
+    cannot count it). A producer faster than real time (a piped file) then overflows the
+    ring, counted as overruns. Off: stdin is replayed like a file, nothing skipped."""
+
     def validate(self, prefix: str = "audio") -> AudioConfig:
         if not 1 <= self.block_ms <= 1000:
             raise ConfigError(f"{prefix}.block_ms", f"must be within 1..1000 (got {self.block_ms})")

@@ -271,7 +271,8 @@ def open_audio(cfg: Config, overrides: Overrides) -> AudioSource:
     outage to wait out."""
     with _naming("audio.source",
                  overrides.source is None and cfg.audio.source != AudioConfig.source):
-        source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms)
+        source = open_source(cfg.audio.source, cfg.audio.realtime, cfg.audio.block_ms,
+                             cfg.audio.stdin_live)
     if isinstance(source, MicSource):
         load_portaudio()
     return source

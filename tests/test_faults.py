@@ -207,6 +207,86 @@ def test_a_model_slower_than_the_hop_drops_whole_windows_loses_no_audio_and_stay
     assert max(steady) - min(steady) < 3.0, f"RSS grew: {steady}"
 
 
+def live_stdin_daemon(tmp_path: Path, **audio) -> tuple[Daemon, int]:
+    """A daemon on ``audio.stdin_live`` stdin, fed through a pipe the test writes, whose
+    model takes 250 ms per window (2.5 hops)."""
+    from streamkws.audio.stdin import StdinSource
+
+    cfg = Config().validate()
+    cfg = cfg.replace(vad=dataclasses.replace(cfg.vad, kind="off"),
+                      audio=dataclasses.replace(cfg.audio, source="-", stdin_live=True,
+                                                **audio)).validate()
+    cfg = apply_overrides(cfg, Overrides(publish=f"ipc://{tmp_path}/pub.sock"))
+    d = Daemon(cfg, echo=None)
+    d._restore_signals()  # it runs on a thread: signals stay with pytest
+    read_fd, write_fd = os.pipe()
+    d.source = StdinSource(os.fdopen(read_fd, "rb", buffering=0), live=True)
+    real_predict = d.bundle.predict
+
+    def slow_predict(features):
+        time.sleep(0.25)
+        return real_predict(features)
+
+    d.bundle.predict = slow_predict
+    return d, write_fd
+
+
+def test_live_stdin_skips_windows_behind_a_slow_model_instead_of_stalling_its_producer(
+        tmp_path):
+    """``arecord | streamkws run --source -`` on a board too slow for the model: arecord is
+    never made to wait (it would drop audio uncounted); whole windows are skipped instead."""
+    pcm = (load_audio(DEMO_WAV)[: 10 * 16000] * 32767).astype("<i2").tobytes()
+    d, write_fd = live_stdin_daemon(tmp_path, ring_seconds=1.0)
+    rc: list[int] = []
+    runner = threading.Thread(target=lambda: rc.append(d.run()), daemon=True)
+    runner.start()
+    waits: list[float] = []
+    t0 = time.monotonic()
+    piece = 3200  # 100 ms, written when a microphone would have captured it
+    try:
+        for i in range(0, len(pcm), piece):
+            time.sleep(max(0.0, t0 + i / 32000 - time.monotonic()))
+            t = time.monotonic()
+            os.write(write_fd, pcm[i:i + piece])
+            waits.append(time.monotonic() - t)
+        late = time.monotonic() - t0 - len(pcm) / 32000
+    finally:
+        os.close(write_fd)
+        runner.join(30)
+    assert rc == [0]
+    c = d.counters()
+    # Replayed, every window would be decided (25 s of model time) and the 1-s ring plus
+    # the pipe would have held the producer back within the first seconds.
+    assert late < 1.0, f"the producer fell {late:.2f} s behind, waiting {sum(waits):.2f} s"
+    # 2.5 hops per decision leaves ~40 % of the live windows decided; the last second's
+    # ten are all decided at the end of the stream (Pipeline.finish).
+    assert c["dropped_windows"] > (c["inferences"] + c["dropped_windows"]) / 3
+    assert c["overruns"] == 0 and c["audio_seconds"] == pytest.approx(10.0, abs=0.01)
+
+
+def test_live_stdin_faster_than_real_time_overflows_the_ring_counted_not_waited_for(
+        tmp_path):
+    pcm = (load_audio(DEMO_WAV)[: 8 * 16000] * 32767).astype("<i2").tobytes()
+    d, write_fd = live_stdin_daemon(tmp_path, ring_seconds=1.0)
+    rc: list[int] = []
+    runner = threading.Thread(target=lambda: rc.append(d.run()), daemon=True)
+    runner.start()
+    t = time.monotonic()
+    try:
+        with os.fdopen(write_fd, "wb") as w:  # all at once, as `cat file.raw |` would
+            w.write(pcm)
+        took = time.monotonic() - t
+    finally:
+        runner.join(30)
+    assert rc == [0]
+    c = d.counters()
+    assert took < 2.0, f"the producer waited {took:.2f} s"
+    assert c["overruns"] > 0 and d.ring.overrun_samples > 0
+    # What was not overrun was heard; nothing is counted twice.
+    heard = c["audio_seconds"] * 16000
+    assert heard + d.ring.overrun_samples == pytest.approx(8 * 16000, abs=1)
+
+
 def test_the_cpu_and_latency_extras_in_status_are_the_daemons_own(tmp_path):
     endpoint = f"ipc://{tmp_path}/pub.sock"
     sub = Subscriber(endpoint, timeout=60)

@@ -10,8 +10,13 @@ from streamkws.errors import AudioError
 DEMO_WAV = Path(__file__).resolve().parent.parent / "data" / "demo.wav"
 
 
-def open_source(spec: str, realtime: bool = True, block_ms: int = 20) -> AudioSource:
-    """Parse a source string and open it (files are checked now, devices opened on start)."""
+def open_source(
+    spec: str, realtime: bool = True, block_ms: int = 20, stdin_live: bool = False
+) -> AudioSource:
+    """Parse a source string and open it (files are checked now, devices opened on start).
+
+    ``realtime`` paces files; ``stdin_live`` makes stdin a live stream (see
+    ``AudioConfig.stdin_live``)."""
     block = max(1, 16 * block_ms)
     if not realtime:
         # Replayed as fast as possible, a file's block size only sets per-call overhead.
@@ -19,7 +24,7 @@ def open_source(spec: str, realtime: bool = True, block_ms: int = 20) -> AudioSo
     if spec == "-":
         from streamkws.audio.stdin import StdinSource
 
-        return StdinSource(realtime=False, block_frames=block)
+        return StdinSource(realtime=False, block_frames=block, live=stdin_live)
     if spec.startswith("wav:") or spec == "demo":
         from streamkws.audio.wav import WavSource
 

@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 class StdinSource(ThreadedSource):
-    """Reads s16le until end of file, which ends the stream cleanly."""
+    """Reads s16le until end of file, which ends the stream cleanly.
+
+    By default a replay (it waits for the consumer, nothing is skipped); ``live=True`` for a
+    producer that captures in real time and cannot be made to wait."""
 
     name = "stdin"
     # A pipe cannot be reopened, but a producer that hangs (arecord on a wedged device)
@@ -23,9 +26,13 @@ class StdinSource(ThreadedSource):
     reports_stalls = True
 
     def __init__(
-        self, stream: BinaryIO | None = None, realtime: bool = False, block_frames: int = 1600
+        self, stream: BinaryIO | None = None, realtime: bool = False, block_frames: int = 1600,
+        live: bool = False,
     ):
         super().__init__(realtime=realtime)
+        # Live: a full ring drops (and counts) audio like a microphone's instead of making
+        # the producer wait, so the daemon treats the stream as live and skips windows.
+        self.blocks_on_full_ring = not live
         self.stream = stream if stream is not None else sys.stdin.buffer
         self.block_bytes = block_frames * 2
 
