@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from streamkws.config import tcp_host, tcp_port_problem
 from streamkws.errors import StreamKWSError
+from streamkws.publish import load_key_file
 from streamkws.stdio import silence_stdout
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,9 @@ def listen(
 
 
 def _setup_curve_client(sub: zmq.Socket, server_key: str, client_key: str | None) -> None:
-    server_public, _ = _load_key(server_key, "--server-key")
+    server_public, _ = load_key_file(server_key, "--server-key")
     if client_key:
-        public, secret = _load_key(client_key, "--client-key")
+        public, secret = load_key_file(client_key, "--client-key")
         if secret is None:
             raise StreamKWSError(
                 f"--client-key: {client_key} holds only a public key; give the key-pair file "
@@ -143,18 +144,6 @@ def _setup_curve_client(sub: zmq.Socket, server_key: str, client_key: str | None
         raise StreamKWSError(f"--server-key {server_key}"
                              + (f" / --client-key {client_key}" if client_key else "")
                              + f": not a valid CURVE key ({exc})") from None
-
-
-def _load_key(path: str, option: str) -> tuple[bytes, bytes | None]:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise StreamKWSError(f"{option} {p}: is a folder; give the key file")
-    if not p.is_file():
-        raise StreamKWSError(f"{option}: no such key file: {p}")
-    try:
-        return zmq.auth.load_certificate(p)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise StreamKWSError(f"{option}: cannot load key from {p}: {exc}") from None
 
 
 def _loop(sub: zmq.Socket, monitor: zmq.Socket, connect: str, out: TextIO,

@@ -383,25 +383,30 @@ class Publisher:
         self.close()
 
 
+def load_key_file(path: str | os.PathLike[str], option: str) -> tuple[bytes, bytes | None]:
+    """A CURVE key file's (public, secret or None), or one error line naming ``option``:
+    the daemon's key (``publish.curve_secret_key``) and ``listen``'s both come through here."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise StreamKWSError(f"{option} {path}: is a folder; give the key file")
+    if not path.is_file():
+        raise StreamKWSError(f"{option}: no such key file: {path}")
+    try:
+        return zmq.auth.load_certificate(path)
+    except PermissionError:
+        raise StreamKWSError(
+            f"{option}: cannot read {path} (permission denied) as user {_user()}: make it "
+            "readable by that user (a secret key: make it the owner, chown, and chmod 600)"
+        ) from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StreamKWSError(f"{option}: cannot load key from {path}: {exc}") from None
+
+
 def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike[str]]:
     """The server's key pair and where its allowed clients' keys are (or ZeroMQ's
     allow-any), each checked as start-up would: ``run --check`` calls this too."""
     path = Path(cfg.curve_secret_key).expanduser()
-    if path.is_dir():
-        raise StreamKWSError(f"publish.curve_secret_key {path}: is a folder; give the key file")
-    if not path.is_file():
-        raise StreamKWSError(f"publish.curve_secret_key: no such key file: {path}")
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except PermissionError:
-        raise StreamKWSError(
-            f"publish.curve_secret_key: cannot read {path} (permission denied) as user "
-            f"{_user()}: make that user its owner (chown) and chmod 600 it"
-        ) from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise StreamKWSError(
-            f"publish.curve_secret_key: cannot load key pair from {path}: {exc}"
-        ) from None
+    public, secret = load_key_file(path, "publish.curve_secret_key")
     if secret is None:
         raise StreamKWSError(
             f"publish.curve_secret_key: {path} holds only a public key; give the secret "
