@@ -414,8 +414,10 @@ def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike
         )
     try:
         matches = zmq.curve_public(secret) == public
-    except (zmq.ZMQError, ValueError):
-        matches = True  # a malformed key: reported below, when the socket takes it
+    except (zmq.ZMQError, ValueError) as exc:
+        raise StreamKWSError(
+            f"publish.curve_secret_key: {path} does not hold a valid CURVE key ({exc})"
+        ) from None
     if not matches:
         # Clients given the public half would all fail their handshakes, silently.
         raise StreamKWSError(

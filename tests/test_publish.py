@@ -8,10 +8,12 @@ joiner"), so each test first publishes probes until its subscribers see one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 import zmq
+import zmq.auth
 
 from streamkws.config import PublishConfig
 from streamkws.errors import StreamKWSError, TemporaryError
@@ -531,6 +534,40 @@ def test_key_paths_that_are_folders_or_unreadable_say_so(
     with pytest.raises(StreamKWSError, match=r"publish.curve_authorized_keys: cannot read "
                        r"the folder .*clients \(permission denied\)"):
         make_pub(curve_secret_key=str(keys["server"][1]), curve_authorized_keys=str(clients))
+
+
+def test_a_malformed_secret_key_is_named_by_run_and_by_run_check_alike(
+        make_pub: Callable[..., Publisher], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path) -> None:
+    from streamkws.config import Config
+    from streamkws.daemon import Overrides, check
+
+    bad = tmp_path / "bad.key_secret"
+    text = keys["server"][1].read_text()
+    secret_line = next(ln for ln in text.splitlines() if "secret-key" in ln)
+    bad.write_text(text.replace(secret_line, '    secret-key = "too short"'))
+    bad.chmod(0o600)
+    message = r"publish.curve_secret_key: .*bad.key_secret does not hold a valid CURVE key"
+    with pytest.raises(StreamKWSError, match=message):
+        make_pub(curve_secret_key=str(bad))
+    cfg = Config().validate()
+    cfg = cfg.replace(publish=dataclasses.replace(cfg.publish, curve_secret_key=str(bad)))
+    with pytest.raises(StreamKWSError, match=message):
+        check(cfg, Overrides())
+
+
+@pytest.mark.parametrize("option", ["publish.curve_secret_key", "--server-key"])
+def test_an_unreadable_key_file_says_permission_denied_and_as_whom(
+        option: str, keys: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamkws.publish import load_key_file
+
+    def denied(path):  # as root (CI) every file is readable
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(zmq.auth, "load_certificate", denied)
+    with pytest.raises(StreamKWSError, match=rf"{re.escape(option)}: cannot read .* \(permission "
+                       r"denied\) as user \w+: make it readable by that user"):
+        load_key_file(keys["server"][1], option)
 
 
 # -- listen ---------------------------------------------------------------------------
