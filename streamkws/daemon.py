@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -313,9 +314,13 @@ class StatusSchedule:
     "at least every 5 s"), and after a stall longer than the interval one status follows,
     not a burst of them."""
 
+    GREETING_GAP_S = 0.5
+    """A burst of subscribers is greeted with one status per this long, not one each."""
+
     def __init__(self, interval: float, now: float) -> None:
         self.interval = interval
         self.next = now + interval
+        self.last = -math.inf
 
     def wait(self, now: float) -> float:
         """How long the loop may sleep before a status is due."""
@@ -324,10 +329,16 @@ class StatusSchedule:
     def at_once(self, now: float) -> None:
         self.next = now
 
+    def greet(self, now: float) -> None:
+        """A subscriber to status arrived: one soon, but no more than one per
+        :attr:`GREETING_GAP_S` however many come."""
+        self.next = min(self.next, max(now, self.last + self.GREETING_GAP_S))
+
     def due(self, now: float) -> bool:
         """Whether a status is due at ``now``; if so, the next one is scheduled."""
         if now < self.next:
             return False
+        self.last = now
         self.next += self.interval
         if self.next <= now:  # a stall: start the grid again from now
             self.next = now + self.interval
@@ -524,6 +535,7 @@ class Daemon:
                  self.publisher.endpoint)
         self.notifier.ready(self._status_line())
         self._publish_status()
+        greeted = self.publisher.poll()  # those waited for heard the status just sent
         statuses = StatusSchedule(self.cfg.publish.status_interval_s, time.monotonic())
         watchdog = self._watchdog_pacer()
         # Audio (a window hop's worth), stop and reload requests and the end of a file
@@ -564,6 +576,9 @@ class Daemon:
                 statuses.at_once(now)  # subscribers hear of an outage (or its end) at once
             if self.stall is not None and self.stall.poll(now):
                 statuses.at_once(now)
+            if self.publisher.poll() != greeted:
+                greeted = self.publisher.status_subscribes
+                statuses.greet(now)
             if statuses.due(now):
                 self._publish_status()
             if watchdog is not None and watchdog.due(now):

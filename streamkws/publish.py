@@ -165,6 +165,8 @@ class Publisher:
         self.subscriptions = 0
         """Subscriptions held now: each subscriber makes one per topic, and takes them back
         when it unsubscribes or leaves."""
+        self.status_subscribes = 0
+        """Subscriptions heard so far that take the ``status`` topic (see :meth:`poll`)."""
         self._peers: set[int] = set()
         """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
@@ -282,6 +284,8 @@ class Publisher:
                 break
             if frame[:1] == b"\x01":
                 self.subscriptions += 1
+                if b"status".startswith(frame[1:]):
+                    self.status_subscribes += 1
             elif frame[:1] == b"\x00":
                 self.subscriptions = max(0, self.subscriptions - 1)
         while self._monitor is not None:
@@ -295,6 +299,14 @@ class Publisher:
                 self._peers.add(evt["value"])
             elif evt["event"] == zmq.EVENT_DISCONNECTED:
                 self._peers.discard(evt["value"])
+
+    def poll(self) -> int:
+        """Take in what subscribers sent; returns :attr:`status_subscribes`, so a caller can
+        greet a new subscriber to status with one at once (ZeroMQ delivers to a
+        subscription only what is sent after it arrives: a subscriber that connects, or
+        reconnects to a restarted daemon, would otherwise wait out the status interval)."""
+        self._drain_subscriptions()
+        return self.status_subscribes
 
     @property
     def subscribers(self) -> int:

@@ -19,11 +19,13 @@ def free_port() -> int:
 class Subscriber(threading.Thread):
     """Collects every message from a PUB endpoint until a final status or a timeout."""
 
-    def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 60.0,
+                 topics: tuple[bytes, ...] = (b"",)) -> None:
         super().__init__(daemon=True)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        for topic in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)

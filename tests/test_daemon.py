@@ -645,3 +645,59 @@ def test_statuses_keep_to_their_grid_and_a_stall_brings_one_not_a_burst():
     assert not sched.due(131.0) and sched.next == 136.0  # then every 5 s from here
     sched.at_once(133.0)  # news (a microphone lost) goes out at once
     assert sched.due(133.0) and sched.next == 138.0
+    sched.greet(133.1)  # a new subscriber, 0.1 s after a status: greeted at 133.5,
+    assert sched.wait(133.1) == pytest.approx(0.4)
+    sched.greet(133.3)  # and one more meanwhile by the same status
+    assert not sched.due(133.49) and sched.due(133.5) and sched.next == 138.5
+    sched.greet(140.0)  # long after the last: at once
+    assert sched.due(140.0)
+
+
+def test_a_new_subscriber_to_status_hears_one_at_once_not_at_the_next_interval(tmp_path):
+    """ZeroMQ gives a subscriber only what is sent after it subscribed: without a greeting,
+    one that connects (or reconnects to a restarted daemon) waits up to 5 s to learn how
+    the daemon is doing."""
+    proc, first, notify = start(tmp_path, "--source", "demo", "--realtime")
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    extra: list[Subscriber] = []
+
+    def statuses_at_first() -> list[float]:
+        return [at for t, m, at in first.messages if t == "status"]
+
+    def subscribe(topic: bytes) -> Subscriber:
+        sub = Subscriber(endpoint, timeout=30, topics=(topic,))
+        sub.start()
+        extra.append(sub)
+        return sub
+
+    try:
+        deadline = time.monotonic() + 30
+        while not statuses_at_first():
+            assert time.monotonic() < deadline, "no first status"
+            time.sleep(0.01)
+        t0 = statuses_at_first()[0]
+        time.sleep(0.5)
+        subscribe(b"detection")  # no status wanted: no greeting
+        time.sleep(1.5)
+        assert len(statuses_at_first()) == 1
+        asked = time.time()
+        late = subscribe(b"status")
+        while not late.messages:
+            assert time.time() - asked < 1.5, "no status within 1.5 s of subscribing"
+            time.sleep(0.01)
+        greeting = late.messages[0][2]
+        assert greeting - t0 < 4.0  # well before the 5-s grid's next
+        burst_at = time.time()
+        for _ in range(10):
+            subscribe(b"")
+        time.sleep(1.2)
+        greeted = [at for at in statuses_at_first() if at > burst_at]
+        assert 1 <= len(greeted) <= 3, greeted  # not one per subscriber
+        assert all(s.messages for s in extra[2:]), "a subscriber of the burst heard nothing"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        for s in [first, *extra]:
+            s.join(5)
+    seqs = [m["seq"] for _, m, _ in first.messages]
+    assert seqs == list(range(len(seqs)))
