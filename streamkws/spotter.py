@@ -14,7 +14,8 @@ sockets or devices, so the same audio gives the same detections as ``streamkws r
 publishes (a test replays a recording both ways). ``feed`` runs the model in the calling
 thread, only for windows the VAD lets through, so silence costs little; blocks of any
 length work, and the answer does not depend on how the audio is cut into them. Times are
-seconds of audio since the first sample fed (or since :meth:`Spotter.reset`).
+seconds of audio since the first sample fed (or since :meth:`Spotter.reset`);
+:attr:`Spotter.stats` counts what it did, as the daemon's status does.
 """
 
 from __future__ import annotations
@@ -76,6 +77,24 @@ class Window:
     scores: dict[str, float] | None
     """The model's posteriors for this window, before smoothing; None when the VAD kept
     the window shut (no speech in it), so the model did not run."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a :class:`Spotter` has done since it started or was reset: the counters of the
+    daemon's ``status`` message that apply in-process."""
+
+    audio_seconds: float
+    """Audio fed, at 16 kHz (after resampling)."""
+    windows: int
+    """Windows formed (one per ``windows.hop_ms`` of audio)."""
+    inferences: int
+    """Windows the model ran on; the rest the VAD kept shut."""
+    vad_active_ratio: float
+    """``inferences / windows``: the share of the stream that cost a model run."""
+    inference_ms_p50: float | None
+    """Median time per model run (ms, the last 4096 runs); None before the first."""
+    inference_ms_p99: float | None
 
 
 class Spotter:
@@ -146,6 +165,17 @@ class Spotter:
     def threshold(self) -> float:
         """The threshold in force for keywords without their own (``detect.thresholds``)."""
         return float(self._pipeline.cfg.detect.threshold)
+
+    @property
+    def stats(self) -> Stats:
+        """Counters of this stream (since start or :meth:`reset`), e.g. to see what the
+        VAD saves: ``spotter.stats.vad_active_ratio``."""
+        with self._lock:
+            p = self._pipeline
+            return Stats(audio_seconds=p.samples / SAMPLE_RATE, windows=p.frontend.windows,
+                         inferences=p.inferences, vad_active_ratio=p.vad_active_ratio,
+                         inference_ms_p50=p.latency.percentile(50),
+                         inference_ms_p99=p.latency.percentile(99))
 
     def reset(self) -> None:
         """Start a new stream: times from 0 again, nothing of the old audio remembered."""

@@ -245,3 +245,31 @@ def test_feeding_on_one_thread_while_another_flushes_and_resets_is_safe():
     assert r.returncode == 0, r.stderr[-2000:]
     errors = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(errors) <= {"the stream ended with flush(); reset() starts another"}
+
+
+def test_its_counters_are_the_daemons_for_the_same_audio(demo, tmp_path):
+    """``stats`` says what the VAD saved, as the daemon's status does."""
+    from streamkws.config import Config
+    from streamkws.daemon import Daemon, Overrides, apply_overrides
+
+    cfg = apply_overrides(Config().validate(), Overrides(
+        source="demo", realtime=False, publish=f"ipc://{tmp_path}/pub.sock"))
+    daemon = Daemon(cfg, echo=None)
+    daemon._restore_signals()
+    assert daemon.run() == 0
+    published = daemon.counters()
+    spotter = Spotter()
+    fresh = spotter.stats
+    assert (fresh.audio_seconds, fresh.windows, fresh.inferences) == (0, 0, 0)
+    assert fresh.inference_ms_p50 is None
+    feed_in_pieces(spotter, demo, seed=3)
+    s = spotter.stats
+    assert s.audio_seconds == pytest.approx(len(demo) / 16000)
+    assert s.audio_seconds == pytest.approx(published["audio_seconds"], abs=1e-3)
+    assert s.inferences == published["inferences"]
+    assert s.vad_active_ratio == pytest.approx(published["vad_active_ratio"], abs=1e-4)
+    # Ten windows a second, most of them shut by the VAD between words.
+    assert abs(s.windows - 10 * s.audio_seconds) <= 10 and s.inferences < 0.8 * s.windows
+    assert s.inference_ms_p50 > 0 and s.inference_ms_p99 >= s.inference_ms_p50
+    spotter.reset()
+    assert spotter.stats.inferences == 0
