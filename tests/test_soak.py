@@ -26,3 +26,19 @@ def test_the_soak_checks_catch_lost_audio_and_missing_messages():
     assert not r["checks"]["seq_without_gaps"]
     assert not r["checks"]["detections_received_equal_counted"]
     assert r["checks"]["clean_exit"]
+
+
+def test_a_config_that_makes_stdin_live_is_soaked_with_stdin_replayed(tmp_path, monkeypatch,
+                                                                      caplog):
+    """The README pairs ``arecord | run --source -`` with ``audio.stdin_live``; a device set
+    up that way must still be soakable (fed at full speed, live stdin would drop audio)."""
+    import logging
+
+    conf = tmp_path / "streamkws.toml"
+    conf.write_text("[audio]\nstdin_live = true\n")
+    monkeypatch.setenv("STREAMKWS_CONFIG", str(conf))
+    caplog.set_level(logging.INFO, logger="streamkws.tools.soak")
+    r = soak(DEMO_WAV, hours=1 / 60, warmup_minutes=0.2, progress=False)
+    assert all(r["checks"].values()), (r["checks"], r["stderr_tail"])
+    assert r["final_status"]["audio_seconds"] == 60.0
+    assert "replays stdin in full" in caplog.text

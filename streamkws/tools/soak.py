@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import subprocess
@@ -64,6 +65,7 @@ def soak(audio: Path, hours: float, warmup_minutes: float, config: str | None = 
     import zmq
 
     from streamkws.audio.wav import load_audio
+    from streamkws.config import dumps, load_default
     from streamkws.progress import tqdm
 
     x = load_audio(audio)
@@ -79,6 +81,14 @@ def soak(audio: Path, hours: float, warmup_minutes: float, config: str | None = 
     sub.connect(endpoint)
     cmd = [sys.executable, "-m", "streamkws", "run", "--source", "-", "--publish", endpoint,
            "--quiet", "--wait-subscribers", "1"]
+    cfg = load_default(config)
+    if cfg.audio.stdin_live:
+        # Fed as fast as the daemon reads, live stdin would overflow the ring: the soak
+        # counts every sample, so it runs the same config with stdin replayed.
+        log.info("audio.stdin_live is on in the config; the soak replays stdin in full")
+        replayed = cfg.replace(audio=dataclasses.replace(cfg.audio, stdin_live=False))
+        config = str(Path(sock_dir.name) / "soak.toml")
+        Path(config).write_text(dumps(replayed, "the soak's copy of the config, stdin replayed"))
     if config:
         cmd += ["--config", config]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
