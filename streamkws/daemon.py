@@ -299,6 +299,8 @@ def check(cfg: Config, overrides: Overrides) -> str:
         except AudioError as exc:
             where = (f" (not listed by PortAudio now: {exc}; unplugged, or held by another "
                      "program; run would wait for it)")
+    elif source.reports_stalls:  # stdin: how it is taken is worth a word
+        where = " (live)" if not source.blocks_on_full_ring else " (replayed in full)"
     curve = ""
     if cfg.publish.curve_secret_key:
         load_curve_keys(cfg.publish)
@@ -387,6 +389,7 @@ class Daemon:
             self.publisher = Publisher(cfg.publish)
             self.notifier = Notifier.from_env()
             self.detections = 0
+            self._overrun_warned = (-math.inf, 0)  # (when, overrun samples then)
             self.started = time.monotonic()
             # Live sources (microphones, paced replay) must keep up; a fast replay waits for
             # us instead, so nothing is ever dropped there.
@@ -485,9 +488,10 @@ class Daemon:
             self.notifier.stopping()
             if self.supervisor is not None:
                 self.supervisor.stop()
+            stopped_at = time.monotonic()  # stop() may wait 1 s on a reader in read()
             self.source.stop()
             if self.stall is not None:  # a quiet producer that then closed: not stalled
-                self.stall.poll(time.monotonic())
+                self.stall.poll(stopped_at)
             self._publish_status(final=True, error=error)
             self.publisher.close()
             if self.echo is not None:  # while a stop request still reaches us
@@ -581,9 +585,26 @@ class Daemon:
                 statuses.greet(now)
             if statuses.due(now):
                 self._publish_status()
+            self._warn_of_overruns(now)
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
         return rc
+
+    OVERRUN_WARNING_GAP_S = 60.0
+
+    def _warn_of_overruns(self, now: float) -> None:
+        """Audio lost to a full ring is counted in status; the log says so too, once a
+        minute at most, since it means processing fell a whole ring behind."""
+        when, seen = self._overrun_warned
+        lost = self.ring.overrun_samples
+        if lost == seen or now - when < self.OVERRUN_WARNING_GAP_S:
+            return
+        self._overrun_warned = (now, lost)
+        hint = ""
+        if not self.source.blocks_on_full_ring and self.supervisor is None:
+            hint = " (audio.stdin_live is on: is stdin fed faster than real time?)"
+        log.warning("processing fell %g s behind %s: %.1f s of audio lost so far%s",
+                    self.cfg.audio.ring_seconds, self.source.name, lost / SAMPLE_RATE, hint)
 
     def _watchdog_pacer(self):
         from streamkws.sdnotify import WatchdogPacer

@@ -291,7 +291,15 @@ def test_run_check_says_what_would_run_without_listening(tmp_path, capsys, monke
     secret.write_text(secret.read_text().replace('secret-key = "', 'secret-key = "0'))
     assert main(["run", "--config", str(cfg), "--check"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("streamkws run: error: config key 'publish.curve_secret_key': ")
+    assert err.startswith("streamkws run: error: publish.curve_secret_key: ")
+    assert "does not hold a valid CURVE key" in err
+
+    # stdin: whether it is taken live (windows skipped when behind) or replayed in full.
+    cfg.write_text("[audio]\nsource = \"-\"\nstdin_live = true\n")
+    assert main(["run", "--config", str(cfg), "--check"]) == 0
+    assert "; source stdin (live); " in capsys.readouterr().out
+    assert main(["run", "--source", "-", "--check"]) == 0
+    assert "; source stdin (replayed in full); " in capsys.readouterr().out
 
 
 @pytest.mark.pulse

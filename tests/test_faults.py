@@ -265,7 +265,7 @@ def test_live_stdin_skips_windows_behind_a_slow_model_instead_of_stalling_its_pr
 
 
 def test_live_stdin_faster_than_real_time_overflows_the_ring_counted_not_waited_for(
-        tmp_path):
+        tmp_path, caplog):
     pcm = (load_audio(DEMO_WAV)[: 8 * 16000] * 32767).astype("<i2").tobytes()
     d, write_fd = live_stdin_daemon(tmp_path, ring_seconds=1.0)
     rc: list[int] = []
@@ -285,6 +285,9 @@ def test_live_stdin_faster_than_real_time_overflows_the_ring_counted_not_waited_
     # What was not overrun was heard; nothing is counted twice.
     heard = c["audio_seconds"] * 16000
     assert heard + d.ring.overrun_samples == pytest.approx(8 * 16000, abs=1)
+    # Said in the log too, once (not once per overrun), with the likely cause.
+    lost = [r.getMessage() for r in caplog.records if "of audio lost so far" in r.getMessage()]
+    assert len(lost) == 1 and "stdin fed faster than real time" in lost[0], lost
 
 
 def test_the_cpu_and_latency_extras_in_status_are_the_daemons_own(tmp_path):

@@ -691,6 +691,33 @@ def test_stdin_that_closes_after_a_stall_ends_as_a_clean_stream_not_a_stalled_on
         logging.WARNING]
 
 
+def test_a_stop_just_short_of_the_stall_timeout_is_not_reported_as_a_stall(
+    tmp_path, caplog, demo_audio
+) -> None:
+    """Stopping waits up to 1 s for a reader blocked on the silent pipe; that wait is the
+    daemon's, not the producer's."""
+    import os
+
+    from streamkws.audio.stdin import StdinSource
+
+    caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
+    read_fd, write_fd = os.pipe()
+    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
+    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d.start()
+    try:
+        os.write(write_fd, (demo_audio[:SAMPLE_RATE] * 32767).astype("<i2").tobytes())
+        wait_until(lambda: d.daemon.source.samples_delivered == SAMPLE_RATE, 10, "the audio")
+        time.sleep(0.6)
+        d.stop()
+    finally:
+        os.close(write_fd)
+    assert d.rc == 0
+    final = d.statuses()[-1]
+    assert final["final"] is True and final["source_state"] == OK
+    assert not [r for r in caplog.records if r.name == "streamkws.audio.stall"]
+
+
 def test_stdin_stall_reporting_can_be_turned_off(tmp_path, demo_audio) -> None:
     import os
 

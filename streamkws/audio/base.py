@@ -39,6 +39,9 @@ class AudioSource(abc.ABC):
         """Unix time at which the stream's first sample counts as captured."""
         self.error: BaseException | None = None
         self.samples_delivered = 0
+        self.samples_read = 0
+        """Samples taken from the input so far, delivered or about to be (a stall watcher
+        tells input that came from a stream that ended by it)."""
         self.on_finished: Callable[[], object] | None = None
         """Called (from the capture context) once a file or stdin stream has ended, so a
         consumer waiting for audio need not poll to notice."""
@@ -104,6 +107,7 @@ class ThreadedSource(AudioSource):
                 return
             if len(block) == 0:
                 continue
+            self.samples_read += len(block)
             if self.realtime:
                 # Pace by the end of the block: a real microphone hands a block over only
                 # once its last sample has been captured.

@@ -30,7 +30,7 @@ class StallWatch:
         """How long the source had been waiting for input at the last :meth:`poll`."""
         self.stalls = 0
         self._since = 0.0
-        self._delivered = 0
+        self._read = 0
 
     @property
     def error(self) -> str | None:
@@ -46,7 +46,7 @@ class StallWatch:
             self.state = STALLED
             self.stalls += 1
             self._since = now - self.waited
-            self._delivered = self.source.samples_delivered
+            self._read = self.source.samples_read
             log.warning("%s has delivered no audio for %.0f s; is the program feeding it "
                         "stuck? Still waiting for it", self.source.name, self.waited)
             return True
@@ -54,8 +54,7 @@ class StallWatch:
             # A wait shorter than the timeout means input (or end of file) came since.
             self.state = OK
             # Not when the stall ended in end of file: that is the end of the stream.
-            if (not self.source.finished.is_set()
-                    or self.source.samples_delivered > self._delivered):
+            if self.source.samples_read > self._read:
                 log.info("%s is delivering audio again (after a stall of up to %.0f s)",
                          self.source.name, now - self._since)
             return True
