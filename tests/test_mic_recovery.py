@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -614,23 +615,28 @@ def test_files_still_end_the_run_and_report_no_source_state(tmp_path, demo_audio
     assert final["final"] is True and "source_state" not in final
 
 
+def stdin_daemon(tmp_path: Path, **audio: Any) -> tuple[DaemonThread, int]:
+    """The daemon on stdin, fed through a pipe whose write end the test holds."""
+    from streamkws.audio.stdin import StdinSource
+
+    read_fd, write_fd = os.pipe()
+    d = DaemonThread(tmp_path, "-", **audio)
+    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    return d, write_fd
+
+
 def test_stdin_whose_producer_goes_quiet_is_reported_stalled_then_ok_again(
     tmp_path, monkeypatch, caplog, demo_audio
 ) -> None:
     """``arecord | streamkws run --source -`` with arecord hung: a pipe cannot be reopened,
     but the daemon must not look healthy while nothing comes."""
-    import os
 
     from streamkws.audio.stall import STALLED
-    from streamkws.audio.stdin import StdinSource
-
     caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
     notify = NotifyReceiver(tmp_path / "notify.sock")
     notify.start()
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
-    read_fd, write_fd = os.pipe()
-    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
-    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d, write_fd = stdin_daemon(tmp_path, stall_timeout_s=1.0)
     pcm = (demo_audio[: 3 * SAMPLE_RATE] * 32767).astype("<i2").tobytes()
     d.start()
     try:
@@ -665,15 +671,10 @@ def test_stdin_whose_producer_goes_quiet_is_reported_stalled_then_ok_again(
 def test_stdin_that_closes_after_a_stall_ends_as_a_clean_stream_not_a_stalled_one(
     tmp_path, caplog, demo_audio
 ) -> None:
-    import os
 
     from streamkws.audio.stall import STALLED
-    from streamkws.audio.stdin import StdinSource
-
     caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
-    read_fd, write_fd = os.pipe()
-    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
-    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d, write_fd = stdin_daemon(tmp_path, stall_timeout_s=1.0)
     d.start()
     try:
         os.write(write_fd, (demo_audio[:SAMPLE_RATE] * 32767).astype("<i2").tobytes())
@@ -696,14 +697,9 @@ def test_a_stop_just_short_of_the_stall_timeout_is_not_reported_as_a_stall(
 ) -> None:
     """Stopping waits up to 1 s for a reader blocked on the silent pipe; that wait is the
     daemon's, not the producer's."""
-    import os
-
-    from streamkws.audio.stdin import StdinSource
 
     caplog.set_level(logging.INFO, logger="streamkws.audio.stall")
-    read_fd, write_fd = os.pipe()
-    d = DaemonThread(tmp_path, "-", stall_timeout_s=1.0)
-    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d, write_fd = stdin_daemon(tmp_path, stall_timeout_s=1.0)
     d.start()
     try:
         os.write(write_fd, (demo_audio[:SAMPLE_RATE] * 32767).astype("<i2").tobytes())
@@ -719,13 +715,8 @@ def test_a_stop_just_short_of_the_stall_timeout_is_not_reported_as_a_stall(
 
 
 def test_stdin_stall_reporting_can_be_turned_off(tmp_path, demo_audio) -> None:
-    import os
 
-    from streamkws.audio.stdin import StdinSource
-
-    read_fd, write_fd = os.pipe()
-    d = DaemonThread(tmp_path, "-", stall_timeout_s=0)
-    d.daemon.source = StdinSource(stream=os.fdopen(read_fd, "rb", buffering=0))
+    d, write_fd = stdin_daemon(tmp_path, stall_timeout_s=0)
     d.start()
     try:
         time.sleep(1.5)
