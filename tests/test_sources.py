@@ -195,15 +195,15 @@ def test_stdin_input_wait_counts_a_silent_producer_not_a_busy_consumer(clip):
 
     src.start(slow_sink)
     try:
-        time.sleep(0.3)  # nothing written yet: waiting for input
-        assert src.input_wait(time.monotonic()) >= 0.25
+        time.sleep(0.5)  # nothing written yet: waiting for input
+        assert src.input_wait(time.monotonic()) >= 0.3
         os.write(w, (clip[:1600] * 32767).astype("<i2").tobytes())
         assert in_sink.wait(2)
         time.sleep(0.3)  # held in the sink: not a wait for input
         assert src.input_wait(time.monotonic()) == 0.0
         release.set()
-        time.sleep(0.3)
-        assert 0.2 <= src.input_wait(time.monotonic()) < 1.0
+        time.sleep(0.5)
+        assert 0.2 <= src.input_wait(time.monotonic()) < 1.5
     finally:
         release.set()
         os.close(w)
