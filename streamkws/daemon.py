@@ -389,7 +389,7 @@ class Daemon:
             self.publisher = Publisher(cfg.publish)
             self.notifier = Notifier.from_env()
             self.detections = 0
-            self._overrun_warned = (-math.inf, 0)  # (when, overrun samples then)
+            self._loss_warned: dict[str, tuple[float, int]] = {}  # kind: (when, count then)
             self.started = time.monotonic()
             # Live sources (microphones, paced replay) must keep up; a fast replay waits for
             # us instead, so nothing is ever dropped there.
@@ -585,26 +585,37 @@ class Daemon:
                 statuses.greet(now)
             if statuses.due(now):
                 self._publish_status()
-            self._warn_of_overruns(now)
+            self._warn_of_lost_audio(now)
             if watchdog is not None and watchdog.due(now):
                 self.notifier.watchdog()
         return rc
 
-    OVERRUN_WARNING_GAP_S = 60.0
+    LOSS_WARNING_GAP_S = 60.0
 
-    def _warn_of_overruns(self, now: float) -> None:
-        """Audio lost to a full ring is counted in status; the log says so too, once a
-        minute at most, since it means processing fell a whole ring behind."""
-        when, seen = self._overrun_warned
+    def _warn_of_lost_audio(self, now: float) -> None:
+        """Audio lost to a full ring, or in a microphone's driver, is counted in status; the
+        log says so too, once a minute at most for each."""
         lost = self.ring.overrun_samples
-        if lost == seen or now - when < self.OVERRUN_WARNING_GAP_S:
-            return
-        self._overrun_warned = (now, lost)
-        hint = ""
-        if not self.source.blocks_on_full_ring and self.supervisor is None:
-            hint = " (audio.stdin_live is on: is stdin fed faster than real time?)"
-        log.warning("processing fell %g s behind %s: %.1f s of audio lost so far%s",
-                    self.cfg.audio.ring_seconds, self.source.name, lost / SAMPLE_RATE, hint)
+        if self._is_news("ring", lost, now):
+            hint = ""
+            if not self.source.blocks_on_full_ring and self.supervisor is None:
+                hint = " (audio.stdin_live is on: is stdin fed faster than real time?)"
+            log.warning("processing fell %g s behind %s: %.1f s of audio lost so far%s",
+                        self.cfg.audio.ring_seconds, self.source.name, lost / SAMPLE_RATE,
+                        hint)
+        overflows = getattr(self.source, "input_overflows", 0)
+        if self._is_news("driver", overflows, now):
+            # PortAudio says some input was lost, not how much: audio time closes up over
+            # the loss, so t_* may fall behind the wall clock by as much.
+            log.warning("the audio driver of %s lost input %d time(s) so far (the system was "
+                        "too busy to take it in time)", self.source.name, overflows)
+
+    def _is_news(self, kind: str, count: int, now: float) -> bool:
+        when, seen = self._loss_warned.get(kind, (-math.inf, 0))
+        if count == seen or now - when < self.LOSS_WARNING_GAP_S:
+            return False
+        self._loss_warned[kind] = (now, count)
+        return True
 
     def _watchdog_pacer(self):
         from streamkws.sdnotify import WatchdogPacer
@@ -653,7 +664,8 @@ class Daemon:
         sup, stall = self.supervisor, self.stall
         if sup is not None:
             return {"source_state": sup.state, "source_error": sup.error,
-                    "source_retries": sup.retries}
+                    "source_retries": sup.retries,
+                    "source_overflows": getattr(self.source, "input_overflows", 0)}
         if stall is not None:
             return {"source_state": stall.state, "source_error": stall.error}
         return {}

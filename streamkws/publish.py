@@ -111,6 +111,7 @@ def status_message(
     source_state: str | None = None,
     source_error: str | None = None,
     source_retries: int | None = None,
+    source_overflows: int | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
     """A status message with the contract's keys (plus ``"final": true`` if final).
@@ -135,7 +136,7 @@ def status_message(
     extras = {"cpu_seconds": cpu_seconds, "inference_ms_p50": inference_ms_p50,
               "inference_ms_p99": inference_ms_p99, "source_state": source_state,
               "source_error": source_error, "source_retries": source_retries,
-              "error": error}
+              "source_overflows": source_overflows, "error": error}
     msg.update({k: v for k, v in extras.items() if v is not None})
     if final:
         msg["final"] = True

@@ -340,8 +340,10 @@ class FakeStream:
                 break
             idx = (pos + np.arange(n)) % len(pa.audio)
             pos += n
+            pa.blocks += 1
+            overflow = bool(pa.overflow_every) and pa.blocks % pa.overflow_every == 0
             self.callback(pa.audio[idx][:, None].copy(), n, None,
-                          types.SimpleNamespace(input_overflow=False))
+                          types.SimpleNamespace(input_overflow=overflow))
             pa.delivered += n
         self.finished_callback()
 
@@ -367,6 +369,9 @@ class FakePortAudio:
         self.rescans = 0
         self.open_streams = 0
         self.delivered = 0
+        self.blocks = 0
+        self.overflow_every = 0
+        """Every k-th block comes flagged as an input overflow (0: none)."""
         self.violations: list[str] = []
         self.t0 = time.monotonic()
 
@@ -726,6 +731,27 @@ def test_stdin_stall_reporting_can_be_turned_off(tmp_path, demo_audio) -> None:
         d.thread.join(10)
     assert d.rc == 0 and d.daemon.stall is None
     assert all("source_state" not in s for s in d.statuses())
+
+
+def test_input_the_driver_lost_is_counted_in_status_and_warned_of_once_a_minute(
+    tmp_path, monkeypatch, caplog, demo_audio
+) -> None:
+    """PortAudio flags a block whose input overflowed (the system was too busy): audio was
+    lost before the daemon saw it, and an operator must be able to see that."""
+    caplog.set_level(logging.WARNING, logger="streamkws.daemon")
+    pa = fake_portaudio(monkeypatch, ["ok"], demo_audio)
+    pa.overflow_every = 10  # every 200 ms
+    d = DaemonThread(tmp_path, "mic:fake").start()
+    try:
+        wait_until(lambda: any(s.get("source_overflows", 0) >= 5 for s in d.statuses()), 15,
+                   "overflows in status")
+    finally:
+        d.stop()
+    final = d.statuses()[-1]
+    assert final["final"] is True and final["source_overflows"] >= 5
+    assert final["source_overflows"] <= pa.blocks // 10
+    lost = [r.getMessage() for r in caplog.records if "lost input" in r.getMessage()]
+    assert len(lost) == 1 and "the audio driver of mic:fake lost input" in lost[0], lost
 
 
 def test_a_missing_portaudio_library_still_fails_at_start(tmp_path, monkeypatch) -> None:

@@ -167,7 +167,8 @@ class MicSource(AudioSource):
         self.channels: int | None = None
         """The channel count the device was opened with (mixed down to mono)."""
         self.input_overflows = 0
-        """Blocks for which PortAudio reported lost input (the callback or system was late)."""
+        """Blocks for which PortAudio reported lost input (the callback or system was late),
+        since the source was made: a reopen after an outage does not reset it."""
         self._stream: Any = None
         self._sink: Sink | None = None
         self._resampler: StreamResampler | None = None
@@ -243,7 +244,6 @@ class MicSource(AudioSource):
         self._sink = sink
         self._position = 0
         self.samples_delivered = 0
-        self.input_overflows = 0
         self._failed = False
         self._stopping = False
         self.error = None
