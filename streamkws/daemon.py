@@ -314,7 +314,8 @@ class StatusSchedule:
     """When the next status message is due: every ``interval`` seconds on a fixed grid, so
     that one published a little late does not push all later ones back (the contract says
     "at least every 5 s"), and after a stall longer than the interval one status follows,
-    not a burst of them."""
+    not a burst of them. A status sent early (news, a greeting) starts the grid again from
+    itself: never a longer gap than ``interval``."""
 
     GREETING_GAP_S = 0.5
     """A burst of subscribers is greeted with one status per this long, not one each."""
@@ -539,7 +540,6 @@ class Daemon:
                  self.publisher.endpoint)
         self.notifier.ready(self._status_line())
         self._publish_status()
-        greeted = self.publisher.poll()  # those waited for heard the status just sent
         statuses = StatusSchedule(self.cfg.publish.status_interval_s, time.monotonic())
         watchdog = self._watchdog_pacer()
         # Audio (a window hop's worth), stop and reload requests and the end of a file
@@ -580,8 +580,7 @@ class Daemon:
                 statuses.at_once(now)  # subscribers hear of an outage (or its end) at once
             if self.stall is not None and self.stall.poll(now):
                 statuses.at_once(now)
-            if self.publisher.poll() != greeted:
-                greeted = self.publisher.status_subscribes
+            if self.publisher.poll():
                 statuses.greet(now)
             if statuses.due(now):
                 self._publish_status()
@@ -685,6 +684,11 @@ class Daemon:
         c = self.counters()
         counts = (f"{c['audio_seconds']:.0f} s audio, {c['detections']} detections, "
                   f"{c['dropped_windows']} dropped windows")
+        # Audio lost is the exception worth a word: the warnings were once a minute at most.
+        if self.ring.overrun_samples:
+            counts += f", {self.ring.overrun_samples / SAMPLE_RATE:.1f} s audio lost to overruns"
+        if c.get("source_overflows"):
+            counts += f", {c['source_overflows']} driver overflows"
         sup = self.supervisor
         if sup is not None and sup.state == RETRYING:
             # What `systemctl status` shows: why nothing is heard comes first.

@@ -168,6 +168,8 @@ class Publisher:
         when it unsubscribes or leaves."""
         self.status_subscribes = 0
         """Subscriptions heard so far that take the ``status`` topic (see :meth:`poll`)."""
+        self._status_subscribes_sent = 0
+        """:attr:`status_subscribes` as of the last status sent: those have heard one."""
         self._peers: set[int] = set()
         """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
@@ -301,13 +303,14 @@ class Publisher:
             elif evt["event"] == zmq.EVENT_DISCONNECTED:
                 self._peers.discard(evt["value"])
 
-    def poll(self) -> int:
-        """Take in what subscribers sent; returns :attr:`status_subscribes`, so a caller can
-        greet a new subscriber to status with one at once (ZeroMQ delivers to a
-        subscription only what is sent after it arrives: a subscriber that connects, or
-        reconnects to a restarted daemon, would otherwise wait out the status interval)."""
+    def poll(self) -> bool:
+        """Take in what subscribers sent; True when a subscription to ``status`` has come
+        since the last status was sent, so the caller can greet it with one at once
+        (ZeroMQ delivers to a subscription only what is sent after it arrives: a subscriber
+        that connects, or reconnects to a restarted daemon, would otherwise wait out the
+        status interval)."""
         self._drain_subscriptions()
-        return self.status_subscribes
+        return self.status_subscribes != self._status_subscribes_sent
 
     @property
     def subscribers(self) -> int:
@@ -346,6 +349,7 @@ class Publisher:
             self.dropped += 1
             return False
         self._drain_subscriptions()  # keeps the XPUB's incoming queue from growing
+        heard = self.status_subscribes  # as of the drain right before the send: no gap
         payload["v"] = PROTOCOL_VERSION
         payload["seq"] = self.sent
         # "replace": a string that cannot be UTF-8 (a file name's undecodable bytes) must
@@ -363,6 +367,8 @@ class Publisher:
             log.warning("publish on %s failed: %s", self.endpoint, exc)
             return False
         self.sent += 1
+        if topic == "status":
+            self._status_subscribes_sent = heard
         return True
 
     def close(self) -> None:
@@ -405,7 +411,7 @@ def load_key_file(path: str | os.PathLike[str], option: str) -> tuple[bytes, byt
     if not path.is_file():
         raise StreamKWSError(f"{option}: no such key file: {path}")
     try:
-        return zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(path)
     except PermissionError:
         raise StreamKWSError(
             f"{option}: cannot read {path} (permission denied) as user {_user()}: make it "
@@ -413,6 +419,17 @@ def load_key_file(path: str | os.PathLike[str], option: str) -> tuple[bytes, byt
         ) from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise StreamKWSError(f"{option}: cannot load key from {path}: {exc}") from None
+    if secret is not None:
+        try:
+            matches = zmq.curve_public(secret) == public
+        except (zmq.ZMQError, ValueError) as exc:
+            raise StreamKWSError(
+                f"{option}: {path} does not hold a valid CURVE key ({exc})") from None
+        if not matches:
+            # The peer given the public half would fail every handshake, silently.
+            raise StreamKWSError(f"{option}: in {path} the public key is not the secret "
+                                 "key's own; make a new pair with generate_keys")
+    return public, secret
 
 
 def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike[str]]:
@@ -424,18 +441,6 @@ def load_curve_keys(cfg: PublishConfig) -> tuple[bytes, bytes, str | os.PathLike
         raise StreamKWSError(
             f"publish.curve_secret_key: {path} holds only a public key; give the secret "
             "key file (the '.key_secret' one that generate_keys writes)"
-        )
-    try:
-        matches = zmq.curve_public(secret) == public
-    except (zmq.ZMQError, ValueError) as exc:
-        raise StreamKWSError(
-            f"publish.curve_secret_key: {path} does not hold a valid CURVE key ({exc})"
-        ) from None
-    if not matches:
-        # Clients given the public half would all fail their handshakes, silently.
-        raise StreamKWSError(
-            f"publish.curve_secret_key: in {path} the public key is not the secret "
-            "key's own; make a new pair with generate_keys"
         )
     _check_secret_key_mode(path)
     location: str | os.PathLike[str] = zmq.auth.CURVE_ALLOW_ANY

@@ -87,11 +87,13 @@ class Stats:
     audio_seconds: float
     """Audio fed, at 16 kHz (after resampling)."""
     windows: int
-    """Windows formed (one per ``windows.hop_ms`` of audio)."""
+    """Windows formed (one per ``windows.hop_ms`` of audio; after :meth:`Spotter.flush`
+    also those over the silence it pads the end with). Not in the daemon's status."""
     inferences: int
     """Windows the model ran on; the rest the VAD kept shut."""
     vad_active_ratio: float
-    """``inferences / windows``: the share of the stream that cost a model run."""
+    """The share of windows the VAD let through, each a model run (the daemon's status
+    has the same ratio, though a daemon behind a live source may skip some of them)."""
     inference_ms_p50: float | None
     """Median time per model run (ms, the last 4096 runs); None before the first."""
     inference_ms_p99: float | None

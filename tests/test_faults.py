@@ -288,6 +288,8 @@ def test_live_stdin_faster_than_real_time_overflows_the_ring_counted_not_waited_
     # Said in the log too, once (not once per overrun), with the likely cause.
     lost = [r.getMessage() for r in caplog.records if "of audio lost so far" in r.getMessage()]
     assert len(lost) == 1 and "stdin fed faster than real time" in lost[0], lost
+    # And the closing line gives the total, which the warning could not.
+    assert f"{d.ring.overrun_samples / 16000:.1f} s audio lost to overruns" in d._status_line()
 
 
 def test_the_cpu_and_latency_extras_in_status_are_the_daemons_own(tmp_path):

@@ -752,6 +752,7 @@ def test_input_the_driver_lost_is_counted_in_status_and_warned_of_once_a_minute(
     assert final["source_overflows"] <= pa.blocks // 10
     lost = [r.getMessage() for r in caplog.records if "lost input" in r.getMessage()]
     assert len(lost) == 1 and "the audio driver of mic:fake lost input" in lost[0], lost
+    assert f"{final['source_overflows']} driver overflows" in d.daemon._status_line()
 
 
 def test_a_missing_portaudio_library_still_fails_at_start(tmp_path, monkeypatch) -> None:

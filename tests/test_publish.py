@@ -1068,6 +1068,41 @@ def test_a_subscriber_who_left_does_not_let_a_bare_connection_pass_for_one(
         assert recv(real, 2.0) is not None
 
 
+def test_poll_says_when_a_subscriber_to_status_has_not_heard_one_yet(
+        ctx: zmq.Context, make_pub: Callable[..., Publisher]) -> None:
+    pub = make_pub()
+    assert not pub.poll()
+
+    def heard() -> bool:
+        deadline = time.monotonic() + 5
+        while not pub.poll():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    first = subscriber(ctx, pub.endpoint)  # every topic, status among them
+    assert heard()
+    pub.publish("detection", {"type": "detection"})
+    assert pub.poll()  # a detection greets no one
+    pub.publish("status", a_status())
+    assert not pub.poll()
+    assert recv(first, 2.0) is not None
+    only_detections = ctx.socket(zmq.SUB)
+    only_detections.setsockopt(zmq.LINGER, 0)
+    only_detections.setsockopt(zmq.SUBSCRIBE, b"detection")
+    only_detections.connect(pub.endpoint)
+    time.sleep(0.3)
+    assert not pub.poll()  # it wants no status
+    partial = ctx.socket(zmq.SUB)  # a prefix of "status" takes statuses too
+    partial.setsockopt(zmq.LINGER, 0)
+    partial.setsockopt(zmq.SUBSCRIBE, b"sta")
+    partial.connect(pub.endpoint)
+    assert heard()
+    only_detections.close()
+    partial.close()
+
+
 def test_waiting_for_subscribers_ends_when_told_to_stop(
         make_pub: Callable[..., Publisher]) -> None:
     pub = make_pub()
@@ -1113,6 +1148,14 @@ def test_a_key_file_whose_halves_do_not_match_is_refused(
                      f'    secret-key = "{other_secret.decode()}"\n')
     with pytest.raises(StreamKWSError, match="not the secret key's own"):
         make_pub(curve_secret_key=str(mixed))
+    # listen's own key pair too: else the handshake fails and --server-key gets the blame.
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamkws", "listen", "--connect", "tcp://127.0.0.1:1",
+         "--server-key", str(keys["server"][0]), "--client-key", str(mixed), "--timeout", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith(f"streamkws listen: error: --client-key: in {mixed} "
+                                          "the public key is not the secret key's own")
 
 
 @pytest.mark.parametrize(("body", "printed"), [

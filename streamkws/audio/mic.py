@@ -244,6 +244,7 @@ class MicSource(AudioSource):
         self._sink = sink
         self._position = 0
         self.samples_delivered = 0
+        self.samples_read = 0
         self._failed = False
         self._stopping = False
         self.error = None
@@ -269,6 +270,7 @@ class MicSource(AudioSource):
                 return  # the resampler is still filling its filter
             chunk = Chunk(mono, self._position)
             self._position = chunk.end
+            self.samples_read = chunk.end
             sink = self._sink
             if sink is not None:
                 sink(chunk)
