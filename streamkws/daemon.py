@@ -310,6 +310,10 @@ def check(cfg: Config, overrides: Overrides) -> str:
             f"{cfg.publish.endpoint}{curve}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class StatusSchedule:
     """When the next status message is due: every ``interval`` seconds on a fixed grid, so
     that one published a little late does not push all later ones back (the contract says
@@ -686,13 +690,13 @@ class Daemon:
                   f"{c['dropped_windows']} dropped windows")
         # Audio lost is the exception worth a word: the warnings were once a minute at most.
         if self.ring.overrun_samples:
-            counts += f", {self.ring.overrun_samples / SAMPLE_RATE:.1f} s audio lost to overruns"
+            counts += f", {self.ring.overrun_samples / SAMPLE_RATE:.2f} s audio lost to overruns"
         if c.get("source_overflows"):
-            counts += f", {c['source_overflows']} driver overflows"
+            counts += f", input lost in the driver {_count(c['source_overflows'], 'time')}"
         sup = self.supervisor
         if sup is not None and sup.state == RETRYING:
             # What `systemctl status` shows: why nothing is heard comes first.
-            why = f"unavailable, retrying ({sup.retries} attempts): {sup.error}"[:200]
+            why = f"unavailable, retrying ({_count(sup.retries, 'attempt')}): {sup.error}"[:200]
             return f"{self.source.name}: {why}; {counts}"
         if self.stall is not None and self.stall.state == STALLED:
             return f"{self.stall.error} (producer stuck?); {counts}"

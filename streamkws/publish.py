@@ -305,7 +305,9 @@ class Publisher:
 
     def poll(self) -> bool:
         """Take in what subscribers sent; True when a subscription to ``status`` has come
-        since the last status was sent, so the caller can greet it with one at once
+        that the last status sent may have missed (one that arrived during that send counts
+        as such: at most a spare status, never a missed one), so the caller can greet it
+        with one at once
         (ZeroMQ delivers to a subscription only what is sent after it arrives: a subscriber
         that connects, or reconnects to a restarted daemon, would otherwise wait out the
         status interval)."""
@@ -419,6 +421,7 @@ def load_key_file(path: str | os.PathLike[str], option: str) -> tuple[bytes, byt
         ) from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise StreamKWSError(f"{option}: cannot load key from {path}: {exc}") from None
+    secret = secret or None  # `secret-key = ""`: a public key file, as without the line
     if secret is not None:
         try:
             matches = zmq.curve_public(secret) == public

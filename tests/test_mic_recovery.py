@@ -739,20 +739,24 @@ def test_input_the_driver_lost_is_counted_in_status_and_warned_of_once_a_minute(
     """PortAudio flags a block whose input overflowed (the system was too busy): audio was
     lost before the daemon saw it, and an operator must be able to see that."""
     caplog.set_level(logging.WARNING, logger="streamkws.daemon")
-    pa = fake_portaudio(monkeypatch, ["ok"], demo_audio)
+    # The device stops after 1 s and is reopened: the count goes on across the outage.
+    pa = fake_portaudio(monkeypatch, ["dies", "ok"], demo_audio, dies_after_s=1.0)
     pa.overflow_every = 10  # every 200 ms
-    d = DaemonThread(tmp_path, "mic:fake").start()
+    d = DaemonThread(tmp_path, "mic:fake", retry_max_s=1.0).start()
     try:
-        wait_until(lambda: any(s.get("source_overflows", 0) >= 5 for s in d.statuses()), 15,
-                   "overflows in status")
+        wait_until(lambda: any(s.get("source_retries", 0) >= 1 and s["source_state"] == OK
+                               and s["source_overflows"] >= 8 for s in d.statuses()), 20,
+                   "overflows in status after a reopen")
     finally:
         d.stop()
+    counts = [s["source_overflows"] for s in d.statuses()]
+    assert counts == sorted(counts), counts  # never reset by the reopen
     final = d.statuses()[-1]
-    assert final["final"] is True and final["source_overflows"] >= 5
-    assert final["source_overflows"] <= pa.blocks // 10
+    assert final["final"] is True and 8 <= final["source_overflows"] <= pa.blocks // 10
     lost = [r.getMessage() for r in caplog.records if "lost input" in r.getMessage()]
     assert len(lost) == 1 and "the audio driver of mic:fake lost input" in lost[0], lost
-    assert f"{final['source_overflows']} driver overflows" in d.daemon._status_line()
+    assert (f"input lost in the driver {final['source_overflows']} times"
+            in d.daemon._status_line())
 
 
 def test_a_missing_portaudio_library_still_fails_at_start(tmp_path, monkeypatch) -> None:

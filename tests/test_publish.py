@@ -556,6 +556,16 @@ def test_a_malformed_secret_key_is_named_by_run_and_by_run_check_alike(
         check(cfg, Overrides())
 
 
+def test_a_key_file_with_a_blank_secret_line_is_a_public_key_file(
+        keys: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    from streamkws.publish import load_key_file
+
+    public, _ = zmq.auth.load_certificate(keys["server"][0])
+    blank = tmp_path / "blank.key"
+    blank.write_text(f'curve\n    public-key = "{public.decode()}"\n    secret-key = ""\n')
+    assert load_key_file(blank, "--server-key") == (public, None)
+
+
 @pytest.mark.parametrize("option", ["publish.curve_secret_key", "--server-key"])
 def test_an_unreadable_key_file_says_permission_denied_and_as_whom(
         option: str, keys: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
