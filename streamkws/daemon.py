@@ -603,7 +603,7 @@ class Daemon:
             hint = ""
             if not self.source.blocks_on_full_ring and self.supervisor is None:
                 hint = " (audio.stdin_live is on: is stdin fed faster than real time?)"
-            log.warning("processing fell %g s behind %s: %.1f s of audio lost so far%s",
+            log.warning("processing fell %g s behind %s: %.2f s of audio lost so far%s",
                         self.cfg.audio.ring_seconds, self.source.name, lost / SAMPLE_RATE,
                         hint)
         overflows = getattr(self.source, "input_overflows", 0)

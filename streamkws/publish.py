@@ -305,12 +305,11 @@ class Publisher:
 
     def poll(self) -> bool:
         """Take in what subscribers sent; True when a subscription to ``status`` has come
-        that the last status sent may have missed (one that arrived during that send counts
-        as such: at most a spare status, never a missed one), so the caller can greet it
-        with one at once
-        (ZeroMQ delivers to a subscription only what is sent after it arrives: a subscriber
-        that connects, or reconnects to a restarted daemon, would otherwise wait out the
-        status interval)."""
+        that the last status sent may have missed, so the caller can greet it with one at
+        once. ZeroMQ delivers to a subscription only what is sent after it arrives: a
+        subscriber that connects, or reconnects to a restarted daemon, would otherwise wait
+        out the status interval. One that arrived during the last send counts as missed: at
+        most a spare status, never a missed one."""
         self._drain_subscriptions()
         return self.status_subscribes != self._status_subscribes_sent
 

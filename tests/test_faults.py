@@ -289,7 +289,7 @@ def test_live_stdin_faster_than_real_time_overflows_the_ring_counted_not_waited_
     lost = [r.getMessage() for r in caplog.records if "of audio lost so far" in r.getMessage()]
     assert len(lost) == 1 and "stdin fed faster than real time" in lost[0], lost
     # And the closing line gives the total, which the warning could not.
-    assert f"{d.ring.overrun_samples / 16000:.1f} s audio lost to overruns" in d._status_line()
+    assert f"{d.ring.overrun_samples / 16000:.2f} s audio lost to overruns" in d._status_line()
 
 
 def test_the_cpu_and_latency_extras_in_status_are_the_daemons_own(tmp_path):
