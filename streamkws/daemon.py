@@ -207,6 +207,14 @@ class Pipeline:
     def vad_active_ratio(self) -> float:
         return self.frontend.windows_open / max(1, self.frontend.windows)
 
+    def stats(self) -> dict:
+        """What this pipeline has done, unrounded: the daemon's status reports these
+        (rounded, all but ``windows``) and ``Spotter.stats`` all of them as they are."""
+        return {"audio_seconds": self.samples / SAMPLE_RATE, "windows": self.windows,
+                "inferences": self.inferences, "vad_active_ratio": self.vad_active_ratio,
+                "inference_ms_p50": self.latency.percentile(50),
+                "inference_ms_p99": self.latency.percentile(99)}
+
 
 @dataclass
 class Overrides:
@@ -644,12 +652,13 @@ class Daemon:
 
     def counters(self) -> dict:
         p = self.pipeline
-        p50, p99 = p.latency.percentile(50), p.latency.percentile(99)
+        st = p.stats()
+        p50, p99 = st["inference_ms_p50"], st["inference_ms_p99"]
         return {
             "uptime": round(time.monotonic() - self.started, 3),
-            "audio_seconds": round(p.samples / SAMPLE_RATE, 3),
-            "inferences": p.inferences,
-            "vad_active_ratio": round(p.vad_active_ratio, 4),
+            "audio_seconds": round(st["audio_seconds"], 3),
+            "inferences": st["inferences"],
+            "vad_active_ratio": round(st["vad_active_ratio"], 4),
             "overruns": self.ring.overruns,
             "dropped_windows": p.dropped_windows,
             "detections": self.detections,

@@ -173,11 +173,7 @@ class Spotter:
         """Counters of this stream (since start or :meth:`reset`), e.g. to see what the
         VAD saves: ``spotter.stats.vad_active_ratio``."""
         with self._lock:
-            p = self._pipeline
-            return Stats(audio_seconds=p.samples / SAMPLE_RATE, windows=p.frontend.windows,
-                         inferences=p.inferences, vad_active_ratio=p.vad_active_ratio,
-                         inference_ms_p50=p.latency.percentile(50),
-                         inference_ms_p99=p.latency.percentile(99))
+            return Stats(**self._pipeline.stats())
 
     def reset(self) -> None:
         """Start a new stream: times from 0 again, nothing of the old audio remembered."""
