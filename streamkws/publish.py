@@ -166,10 +166,8 @@ class Publisher:
         self.subscriptions = 0
         """Subscriptions held now: each subscriber makes one per topic, and takes them back
         when it unsubscribes or leaves."""
-        self.status_subscribes = 0
-        """Subscriptions heard so far that take the ``status`` topic (see :meth:`poll`)."""
-        self._status_subscribes_sent = 0
-        """:attr:`status_subscribes` as of the last status sent: those have heard one."""
+        self._greeting_owed = False
+        """A subscription to ``status`` came that no status was sent after (:meth:`poll`)."""
         self._peers: set[int] = set()
         """The connections accepted and not yet closed, by file descriptor."""
         self._bound = False
@@ -288,7 +286,7 @@ class Publisher:
             if frame[:1] == b"\x01":
                 self.subscriptions += 1
                 if b"status".startswith(frame[1:]):
-                    self.status_subscribes += 1
+                    self._greeting_owed = True
             elif frame[:1] == b"\x00":
                 self.subscriptions = max(0, self.subscriptions - 1)
         while self._monitor is not None:
@@ -311,7 +309,7 @@ class Publisher:
         out the status interval. One that arrived during the last send counts as missed: at
         most a spare status, never a missed one."""
         self._drain_subscriptions()
-        return self.status_subscribes != self._status_subscribes_sent
+        return self._greeting_owed
 
     @property
     def subscribers(self) -> int:
@@ -350,7 +348,6 @@ class Publisher:
             self.dropped += 1
             return False
         self._drain_subscriptions()  # keeps the XPUB's incoming queue from growing
-        heard = self.status_subscribes  # as of the drain right before the send: no gap
         payload["v"] = PROTOCOL_VERSION
         payload["seq"] = self.sent
         # "replace": a string that cannot be UTF-8 (a file name's undecodable bytes) must
@@ -368,8 +365,8 @@ class Publisher:
             log.warning("publish on %s failed: %s", self.endpoint, exc)
             return False
         self.sent += 1
-        if topic == "status":
-            self._status_subscribes_sent = heard
+        if topic == "status":  # it reaches all drained just before it: no gap
+            self._greeting_owed = False
         return True
 
     def close(self) -> None:

@@ -28,7 +28,6 @@ class StallWatch:
         self.state = OK
         self.waited = 0.0
         """How long the source had been waiting for input at the last :meth:`poll`."""
-        self.stalls = 0
         self._since = 0.0
         self._read = 0
 
@@ -44,7 +43,6 @@ class StallWatch:
         self.waited = self.source.input_wait(now)
         if self.state == OK and self.waited >= self.timeout_s:
             self.state = STALLED
-            self.stalls += 1
             self._since = now - self.waited
             self._read = self.source.samples_read
             log.warning("%s has delivered no audio for %.0f s; is the program feeding it "
